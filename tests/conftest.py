@@ -1,0 +1,16 @@
+import logging
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def micro():
+    """The committed micro zoo model (fp32) and its tokenizer."""
+    from torchao_mobie.zoo import load_zoo_model
+
+    return load_zoo_model("micro-qwen3moe")

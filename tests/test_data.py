@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from torchao_mobie.data import (
+    DataNotFoundError,
+    calibration_samples,
+    eval_windows,
+    load_text,
+    resolve_data_dir,
+    tokenize_corpus,
+)
+
+
+def test_resolver_finds_shared_data():
+    d = resolve_data_dir()
+    assert d is not None and (d / "ptb" / "ptb.test.txt").is_file()
+
+
+def test_load_text_splits():
+    test = load_text("wikitext2", "test")
+    assert test.splitlines()[1] == " = Robert Boulter = "
+    assert len(test.encode()) == 1290590  # the raw release, not the tokenized one
+    assert load_text("ptb", "validation").startswith(" consumers may want")
+    train = load_text("wikitext2", "train")  # falls back to the tokenized release offline
+    assert "<unk>" in train and len(train.encode()) == 10797148
+
+
+def test_explicit_data_dir_and_env(tmp_path, monkeypatch):
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text(" a b c\n")
+    assert load_text("ptb", "test", data_dir=tmp_path) == " a b c\n"
+    monkeypatch.setenv("MOBIE_DATA_DIR", str(tmp_path))
+    assert load_text("ptb", "test") == " a b c\n"
+
+
+def test_missing_corpus_lists_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if not installed / offline
+    with pytest.raises(DataNotFoundError) as e:
+        load_text("ptb", "test", data_dir=tmp_path)
+    assert str(tmp_path / "ptb" / "ptb.test.txt") in str(e.value) and "datasets" in str(e.value)
+    with pytest.raises(DataNotFoundError, match="not a readable directory"):
+        load_text("ptb", "test", data_dir=tmp_path / "nope")
+    with pytest.raises(ValueError, match="corpus='wt103'"):
+        load_text("wt103")
+    with pytest.raises(ValueError, match="split='dev'"):
+        load_text("ptb", "dev")
+
+
+def test_calibration_samples_seeded_windows():
+    ids = torch.arange(1000)
+    a = calibration_samples(ids, 8, 32, seed=3)
+    assert a.shape == (8, 32) and a.dtype == torch.long
+    assert torch.equal(a, calibration_samples(ids, 8, 32, seed=3))
+    assert not torch.equal(a, calibration_samples(ids, 8, 32, seed=4))
+    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(8, 31, dtype=torch.long))  # contiguous windows
+    for bad in (dict(n_samples=0), dict(n_samples=-1), dict(seqlen=0)):
+        kw = dict(n_samples=2, seqlen=4) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            calibration_samples(ids, **kw)
+    with pytest.raises(ValueError, match="fewer than seqlen"):
+        calibration_samples(torch.arange(10), 2, 10)
+
+
+def test_eval_windows_non_overlapping():
+    w = eval_windows(torch.arange(103), 10)
+    assert w.shape == (10, 10) and torch.equal(w.flatten(), torch.arange(100))
+    assert eval_windows(torch.arange(103), 10, max_windows=3).shape == (3, 10)
+    with pytest.raises(ValueError, match="fewer than seqlen"):
+        eval_windows(torch.arange(5), 10)
+
+
+def test_tokenize_corpus_roundtrip(micro):
+    _, tok = micro
+    text = " = Robert Boulter = \n Robert Boulter is an English film actor ."
+    ids = tokenize_corpus(text, tok)
+    assert ids.dtype == torch.long and tok.decode(ids.tolist()) == text

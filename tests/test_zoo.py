@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from torchao_mobie.data import eval_windows, load_text, tokenize_corpus
+from torchao_mobie.eval import perplexity, unigram_perplexity
+from torchao_mobie.zoo import ZOO, ZOO_DIR, available, load_zoo_model, zoo_path
+
+
+def test_zoo_covers_families_and_styles():
+    types = {s.model_type for s in ZOO.values()}
+    assert {"qwen3_moe", "qwen2_moe", "mixtral"} <= types and types & {"olmoe", "deepseek_v2"}
+    assert any(s.style == "coarse" and s.config["num_local_experts"] == 8 for s in ZOO.values())
+    fine = [s for s in ZOO.values() if s.style == "fine-grained"]
+    assert fine and all(s.config["num_experts"] >= 32 for s in fine)
+
+
+@pytest.mark.parametrize("name", available())
+def test_checkpoint_sizes(name):
+    size = (zoo_path(name) / "model.safetensors").stat().st_size
+    assert size <= (1e6 if ZOO[name].style == "micro" else 12e6)
+    info = json.loads((zoo_path(name) / "training.json").read_text())
+    assert info["name"] == name and info["steps"] == ZOO[name].steps
+
+
+@pytest.mark.parametrize("name", available())
+def test_zoo_model_is_a_real_language_model(name):
+    model, tok = load_zoo_model(name)
+    ids = tokenize_corpus(load_text("wikitext2", "test"), tok)
+    ppl = perplexity(model, eval_windows(ids, 256, max_windows=40))
+    assert ppl < unigram_perplexity(ids) / 5, (ppl, unigram_perplexity(ids))
+
+
+def test_unknown_or_missing_zoo_model():
+    with pytest.raises(ValueError, match="not known"):
+        zoo_path("gpt-5")
+
+
+def test_training_is_deterministic(tmp_path):
+    """Two short runs with the same seed give bit-identical weights (full runs are by hand, not in CI)."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from torchao_mobie.zoo.train import train_model
+
+    tok = AutoTokenizer.from_pretrained(ZOO_DIR / "_tokenizer")
+    spec = dataclasses.replace(ZOO["micro-qwen3moe"], steps=3, batch_size=2, seqlen=32)
+    ids = tokenize_corpus(load_text("wikitext2", "validation")[:20000], tok)
+    train_model(spec, tok, tmp_path / "a", log=lambda *_: None, ids=ids)
+    train_model(spec, tok, tmp_path / "b", log=lambda *_: None, ids=ids)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,66 @@
+"""Architectures of the reference zoo: small but real transformers MoE families.
+
+The zoo exists because no pretrained MoE fits these machines. Sizes are chosen so that each model
+trains to a plateau on 2 CPU cores in minutes and its bf16 checkpoint stays under 12 MB, while the
+expert layouts match the two MoE styles that matter for binarization: coarse (8 experts, top-2,
+Mixtral) and fine-grained (32 experts, top-8, expert width ~0.4x hidden, Qwen3-30B-A3B-like), where a
+shared CEJD backbone costs relatively more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+VOCAB_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    name: str
+    model_type: str  # transformers model_type
+    style: str  # "coarse" | "fine-grained" | "micro"
+    config: dict = field(default_factory=dict)
+    steps: int = 1600
+    batch_size: int = 8
+    seqlen: int = 256
+    lr: float = 3e-3
+
+    def build_config(self):
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(self.model_type, **_COMMON, **self.config)
+
+
+_COMMON = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=512, tie_word_embeddings=True,
+               rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+               attention_dropout=0.0, output_router_logits=True)
+
+ZOO: dict[str, ZooSpec] = {
+    s.name: s
+    for s in [
+        ZooSpec("mixtral-8e", "mixtral", "coarse", dict(
+            hidden_size=192, intermediate_size=224, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=48, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.01)),
+        ZooSpec("qwen3moe-32e", "qwen3_moe", "fine-grained", dict(
+            hidden_size=160, intermediate_size=640, moe_intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=40, num_experts=32,
+            num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01)),
+        ZooSpec("qwen2moe-32e-shared", "qwen2_moe", "fine-grained", dict(
+            hidden_size=160, intermediate_size=640, moe_intermediate_size=64,
+            shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=32, num_experts_per_tok=4, norm_topk_prob=False,
+            router_aux_loss_coef=0.01)),
+        ZooSpec("olmoe-32e", "olmoe", "fine-grained", dict(
+            hidden_size=160, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=32, num_experts_per_tok=8, norm_topk_prob=False,
+            router_aux_loss_coef=0.01)),
+        ZooSpec("micro-qwen3moe", "qwen3_moe", "micro", dict(
+            hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.01),
+            steps=1500),
+    ]
+}
+
+DEFAULT_MODEL = "qwen3moe-32e"

@@ -1,0 +1,129 @@
+"""Reproducible training of the reference zoo (tokenizer + small MoE LMs on WikiText-2 train).
+
+Run by hand, never in CI: ``python -m torchao_mobie.zoo.train --all`` (about 10 minutes a model on
+2 CPU cores). Same seed and thread count give the same checkpoint bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import load_text
+from .specs import VOCAB_SIZE, ZOO, ZooSpec
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
+
+
+def train_tokenizer(out_dir: Path, data_dir=None, vocab_size: int = VOCAB_SIZE):
+    """Byte-level BPE on the WikiText-2 train split, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = load_text("wikitext2", "train", data_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=512)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: int = 0, log=print,
+                ids: torch.Tensor | None = None) -> dict:
+    """Train one zoo model on WikiText-2 train (or on the token stream ``ids``) and save it in bf16."""
+    from transformers import AutoModelForCausalLM
+
+    from ..data import tokenize_corpus
+
+    torch.manual_seed(seed)
+    if ids is None:
+        ids = tokenize_corpus(load_text("wikitext2", "train", data_dir), tokenizer)
+    cfg = spec.build_config()
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=spec.lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(seed)
+    curve = []
+    t0 = time.time()
+    model.train()
+    for step in range(spec.steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, spec.steps, spec.lr)
+        starts = torch.randint(0, ids.numel() - spec.seqlen - 1, (spec.batch_size,), generator=g)
+        x = torch.stack([ids[s : s + spec.seqlen] for s in starts.tolist()])
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lm_loss = (out.loss - cfg.router_aux_loss_coef * out.aux_loss).item() if out.aux_loss is not None \
+            else out.loss.item()
+        if step % 50 == 0 or step == spec.steps - 1:
+            curve.append({"step": step, "lm_loss": round(lm_loss, 4), "seconds": round(time.time() - t0, 1)})
+            log(f"[{spec.name}] step {step}/{spec.steps} lm_loss {lm_loss:.3f} ({time.time() - t0:.0f}s)")
+    model.eval()
+    model.config.output_router_logits = False
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
+            "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr,
+            "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
+            "torch_threads": torch.get_num_threads(), "curve": curve}
+    (out_dir / "training.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def main(argv=None):
+    from .registry import ZOO_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="*", help=f"zoo models to train (default with --all: {list(ZOO)})")
+    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--out", type=Path, default=ZOO_DIR)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="override the spec's step count")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = list(ZOO) if args.all else args.names
+    unknown = [n for n in names if n not in ZOO]
+    if not names or unknown:
+        ap.error(f"name zoo models to train (known: {list(ZOO)}); unknown: {unknown}")
+    tok_dir = args.out / "_tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tokenizer = train_tokenizer(tok_dir, args.data_dir)
+    for n in names:
+        spec = ZOO[n]
+        if args.steps is not None:
+            import dataclasses
+
+            spec = dataclasses.replace(spec, steps=args.steps)
+        train_model(spec, tokenizer, args.out / n, args.data_dir, args.seed)
+
+
+if __name__ == "__main__":
+    main()
