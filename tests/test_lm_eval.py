@@ -59,26 +59,33 @@ def test_perplexity_doc_counts(data_dir):
 
 
 @pytest.mark.parametrize("corpus", ["wikitext2", "ptb"])
-def test_mc_docs_deterministic_and_well_formed(data_dir, corpus):
-    kw = dict(n_docs=1000, context_words=40, continuation_words=15, seed=1234)
+@pytest.mark.parametrize("mode", ["continuation", "context"])
+def test_mc_docs_deterministic_and_well_formed(data_dir, corpus, mode):
+    kw = dict(n_docs=1000, context_words=40, continuation_words=15, seed=1234, mode=mode)
     streams = task_utils.mc_word_streams(corpus, "test", data_dir)
     docs = task_utils.build_mc_docs(streams, **kw)
-    assert len(docs) == LOCAL_TASKS[f"{corpus}_mc_local"][1] == 1000
+    assert len(docs) == 1000
     assert docs == task_utils.mc_documents_list(corpus, "test", data_dir, **kw)  # same seed -> same docs
     other = task_utils.build_mc_docs(streams, **{**kw, "seed": 7})
     assert [d["context"] for d in other] != [d["context"] for d in docs]
     labels = [d["label"] for d in docs]
     assert set(labels) == {0, 1, 2, 3} and max(labels.count(i) for i in range(4)) < 320  # roughly uniform
+    span = 15 if mode == "continuation" else 40
     windows = set()
     for d in docs:
         words = streams[d["stream"]]
         st = d["offset"]
         assert d["context"] == " ".join(words[st: st + 40])
-        assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4
-        assert d["choices"][d["label"]] == " ".join(words[st + 40: st + 55])  # the true continuation
-        assert all(len(c.split()) == 15 for c in d["choices"])
+        assert d["continuation"] == " ".join(words[st + 40: st + 55])
+        true = d["continuation"] if mode == "continuation" else d["context"]
+        assert len(d["choices"]) == 4 and len(set(d["choices"])) == 4  # exactly 4 distinct choices
+        assert d["choices"][d["label"]] == true and d["choices"].count(true) == 1
+        assert all(len(c.split()) == span for c in d["choices"])  # distractors: real spans, same length
         windows.add((d["stream"], st))
     assert len(windows) == 1000  # items never share a window
+    if mode == "context":  # same items as the continuation task, asked the other way round
+        cont = task_utils.build_mc_docs(streams, **{**kw, "mode": "continuation"})
+        assert [(d["stream"], d["offset"]) for d in cont] == [(d["stream"], d["offset"]) for d in docs]
 
 
 # ------------------------------------------------------------------ lm-eval task loading
@@ -94,8 +101,11 @@ def test_local_tasks_load_offline(data_dir):
         assert len(task.eval_docs) == n_docs, name
     mc = loaded["wikitext2_mc_local"]
     doc = mc.eval_docs[0]
-    assert mc.doc_to_choice(doc)[mc.doc_to_target(doc)] == doc["choices"][doc["label"]]
+    assert mc.doc_to_choice(doc)[mc.doc_to_target(doc)] == doc["continuation"]
     assert len(mc.fewshot_docs()) == 1000  # validation split, for num_fewshot > 0
+    ctx = loaded["ptb_mc_ctx_local"]  # Winogrande-style: the gold index comes from doc_to_text
+    doc = ctx.eval_docs[0]
+    assert ctx.multiple_input == 4 and ctx.doc_to_choice(doc)[ctx.doc_to_text(doc)] == doc["context"]
 
 
 def test_bad_data_dir_is_an_error(tmp_path):
@@ -145,7 +155,7 @@ def test_evaluate_word_perplexity_matches_independent(tiny, data_dir):
     from torchao_mobie.integrations.lm_eval import evaluate_lm_eval
 
     model, tok = tiny
-    max_len, n_docs = 64, 2
+    max_len, n_docs = 128, 2
     res = evaluate_lm_eval(model, tok, ["wikitext2_local"], limit=n_docs, batch_size=8, max_length=max_len,
                            data_dir=data_dir)
     row = res["wikitext2_local"]
@@ -171,11 +181,13 @@ def test_evaluate_mc_and_errors(tiny, data_dir):
     from torchao_mobie.integrations.lm_eval import evaluate_lm_eval
 
     model, tok = tiny
-    res = evaluate_lm_eval(model, tok, ["wikitext2_mc_local", "ptb_mc_local"], limit=6, batch_size=8)
-    for name in ("wikitext2_mc_local", "ptb_mc_local"):
+    names = ["wikitext2_mc_local", "ptb_mc_local", "wikitext2_mc_ctx_local"]
+    res = evaluate_lm_eval(model, tok, names, limit=6, batch_size=8)
+    for name in names:
         row = res[name]
         assert row["n_samples"] == 6
-        for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr"):
+        keys = ("acc", "acc_stderr") + (() if "ctx" in name else ("acc_norm", "acc_norm_stderr"))
+        for k in keys:
             assert math.isfinite(row[k]) and 0.0 <= row[k] <= 1.0, (name, k, row)
     with pytest.raises(ValueError, match="wikitext2_mc_local"):  # unknown names list the local tasks
         evaluate_lm_eval(model, tok, ["no_such_task_xyz"])

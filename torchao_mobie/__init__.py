@@ -1,0 +1,32 @@
+"""torchao_mobie: 1-bit post-training quantization of Mixture-of-Experts LLMs, a torchao-style backend.
+
+Quick start::
+
+    from torchao_mobie import ARBLLMConfig, quantize_model
+    report = quantize_model(model, ARBLLMConfig(), calibration_ids)   # sequential, calibrated
+    print(report.summary())
+
+torchao-native::
+
+    from dataclasses import replace
+    import torchao_mobie
+    cfg = torchao_mobie.BiLLMConfig()
+    torchao_mobie.quantize_(model, replace(cfg, step="observe"))
+    for batch in calibration: model(batch)
+    torchao_mobie.quantize_(model, cfg)                               # step="convert"
+"""
+
+from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
+from .config import ARBLLMConfig, BiLLMConfig, BinarizationConfig, Scope, SignBinaryConfig
+
+__all__ = [
+    "ARBLLMConfig",
+    "BiLLMConfig",
+    "BinarizationConfig",
+    "QuantizationReport",
+    "Scope",
+    "SignBinaryConfig",
+    "moe_experts_filter",
+    "quantize_",
+    "quantize_model",
+]

@@ -1,5 +1,26 @@
 """Binarization algorithms: pure PyTorch functions of a weight matrix and a Hessian, device-agnostic."""
 
+from .arb import arb_quantize
+from .billm import billm_quantize, saliency, search_salient_columns, search_split_threshold, split_candidates
+from .binarize import Binarized, arb_binarize, arb_rc_binarize, residual_binarize, sign_binarize, sign_quantize
+from .compensation import inverse_hessian_factor, quantize_blockwise
 from .result import BinarizedWeight, BitBudget
 
-__all__ = ["BinarizedWeight", "BitBudget"]
+__all__ = [
+    "BinarizedWeight",
+    "BitBudget",
+    "Binarized",
+    "arb_binarize",
+    "arb_quantize",
+    "arb_rc_binarize",
+    "billm_quantize",
+    "inverse_hessian_factor",
+    "quantize_blockwise",
+    "residual_binarize",
+    "saliency",
+    "search_salient_columns",
+    "search_split_threshold",
+    "sign_binarize",
+    "sign_quantize",
+    "split_candidates",
+]

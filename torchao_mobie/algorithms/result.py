@@ -18,7 +18,10 @@ class BitBudget:
 
     n_weights: quantized weights covered (out*in per matrix).
     sign_bits: 1 per weight per binary plane (salient columns with two planes count twice).
-    bitmap_bits: group/column bitmaps (which group a weight or column belongs to).
+    bitmap_bits: bitmaps the papers count (BiLLM/ARB: the salient-column bitmap, 1 bit per column
+        per block).
+    group_bitmap_bits: per-weight group bitmaps the papers leave out (which split group a weight
+        belongs to: 1 bit per non-salient weight, and per salient weight too under ARB's CGB).
     param_bits: every high-precision statistic (scales, means, column scales), at its stored width.
     backbone_bits: shared high-precision matrices (CEJD backbone), at their stored width.
     """
@@ -26,6 +29,7 @@ class BitBudget:
     n_weights: int = 0
     sign_bits: int = 0
     bitmap_bits: int = 0
+    group_bitmap_bits: int = 0
     param_bits: int = 0
     backbone_bits: int = 0
 
@@ -39,8 +43,9 @@ class BitBudget:
 
     @property
     def all_inclusive_bits(self) -> float:
-        """Every stored bit per weight: planes, bitmaps, scales/means, shared backbone."""
-        return (self.sign_bits + self.bitmap_bits + self.param_bits + self.backbone_bits) / max(1, self.n_weights)
+        """Every stored bit per weight: planes, all bitmaps, scales/means, shared backbone."""
+        stored = self.sign_bits + self.bitmap_bits + self.group_bitmap_bits + self.param_bits + self.backbone_bits
+        return stored / max(1, self.n_weights)
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -24,6 +24,8 @@ LOCAL_TASKS: dict[str, tuple[str, int]] = {
     "ptb_local": ("PTB test, rolling perplexity, 50 sentences per doc", 76),
     "wikitext2_mc_local": ("WikiText-2 test, 4-way true-continuation choice (acc, acc_norm)", 1000),
     "ptb_mc_local": ("PTB test, 4-way true-continuation choice (acc, acc_norm)", 1000),
+    "wikitext2_mc_ctx_local": ("WikiText-2 test, 4-way true-context choice (acc)", 1000),
+    "ptb_mc_ctx_local": ("PTB test, 4-way true-context choice (acc)", 1000),
 }
 
 

@@ -20,7 +20,7 @@ class ZooSpec:
     model_type: str  # transformers model_type
     style: str  # "coarse" | "fine-grained" | "micro"
     config: dict = field(default_factory=dict)
-    steps: int = 1600
+    steps: int = 1200
     batch_size: int = 8
     seqlen: int = 256
     lr: float = 3e-3

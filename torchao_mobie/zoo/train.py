@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the spec's step count")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

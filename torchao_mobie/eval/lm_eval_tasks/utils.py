@@ -17,7 +17,7 @@ import re
 from torchao_mobie.data import load_text
 
 # A WikiText article starts at a level-1 heading line `` = Title = `` (section headings are `` = = X = = ``).
-# WikiText-2 raw test has 62 such lines, the documents of lm-eval's ``wikitext`` (wikitext_document_level).
+# WikiText-2 raw test has 62 such lines (lm-eval's ``wikitext`` uses the same article-level documents).
 _ARTICLE_HEADING = re.compile(r"^ ?= [^=].* = ?$")
 _ANY_HEADING = re.compile(r"^=+ .* =+$")
 
@@ -122,8 +122,9 @@ def ptb_process_results(doc: dict, results) -> dict:
 # ----------------------------------------------------------------------------------------------- MC
 
 def mc_word_streams(corpus: str, split: str = "test", data_dir=None) -> list[list[str]]:
-    """Word streams that spans may not cross: one per WikiText article (body text, detokenized, headings
-    dropped), or the whole split for PTB (consecutive WSJ sentences, joined, ``<unk>``/``N`` kept)."""
+    """Word streams that spans may not cross: one per WikiText article (body lines in the release's own
+    tokenized form, e.g. ``" @-@ "``, headings dropped), or the whole split for PTB (consecutive WSJ
+    sentences, ``<unk>``/``N`` kept)."""
     if corpus == "wikitext2":
         streams = []
         for art in wikitext_documents_list(split, data_dir):
@@ -131,7 +132,7 @@ def mc_word_streams(corpus: str, split: str = "test", data_dir=None) -> list[lis
             for line in art["page"].splitlines():
                 s = line.strip()
                 if s and not _ANY_HEADING.match(s):
-                    words += wikitext_detokenize(line).split()
+                    words += s.split()
             streams.append(words)
         return streams
     if corpus == "ptb":
@@ -140,27 +141,34 @@ def mc_word_streams(corpus: str, split: str = "test", data_dir=None) -> list[lis
 
 
 def build_mc_docs(streams: list[list[str]], *, n_docs: int, context_words: int, continuation_words: int,
-                  seed: int) -> list[dict]:
-    """Seeded "pick the true continuation" items from word streams.
+                  seed: int, mode: str = "continuation") -> list[dict]:
+    """Seeded 4-way multiple-choice items from word streams.
 
     Items are ``n_docs`` windows drawn without replacement from the grid of non-overlapping
     ``context_words + continuation_words`` windows of every stream, in seeded random order (so any
-    ``limit`` prefix is a random sample of the split). Each item's 3 distractors are real spans of
-    ``continuation_words`` words starting anywhere in the split (uniform over start positions), never
-    overlapping the item's own window and textually distinct from the other choices; the true
-    continuation sits at a seeded uniform position among the 4 choices.
+    ``limit`` prefix is a random sample of the split). ``context`` is the window's first ``context_words``
+    words and ``continuation`` the rest.
+
+    ``mode="continuation"``: ``choices`` are 4 continuations, the true one and 3 distractors.
+    ``mode="context"``: ``choices`` are 4 contexts, the true one and 3 distractors (lm-eval scores the fixed
+    continuation after each: the continuation's own likelihood cancels out, as in Winogrande).
+
+    Distractors are real spans of the same number of words, starting anywhere in the split (uniform over
+    start positions), never overlapping the item's own window and textually distinct from the other choices;
+    the true choice sits at a seeded uniform position ``label``.
     """
+    if mode not in ("continuation", "context"):
+        raise ValueError(f"mode must be 'continuation' or 'context', got {mode!r}")
     if min(n_docs, context_words, continuation_words) <= 0:
         raise ValueError("n_docs, context_words and continuation_words must be positive")
     win = context_words + continuation_words
+    span = continuation_words if mode == "continuation" else context_words
     grid = [(s, st) for s, ws in enumerate(streams) for st in range(0, len(ws) - win + 1, win)]
     if len(grid) < n_docs:
         raise ValueError(f"only {len(grid)} windows of {win} words exist, fewer than n_docs={n_docs}")
-    # distractor starts: flat index over every valid span start of every stream
-    counts = [max(0, len(ws) - continuation_words + 1) for ws in streams]
-    cum, total = [], 0
-    for c in counts:
-        total += c
+    cum, total = [], 0  # flat index over every valid distractor start of every stream
+    for ws in streams:
+        total += max(0, len(ws) - span + 1)
         cum.append(total)
 
     rng = random.Random(seed)
@@ -168,7 +176,8 @@ def build_mc_docs(streams: list[list[str]], *, n_docs: int, context_words: int, 
     for s, st in rng.sample(grid, n_docs):
         words = streams[s]
         context = " ".join(words[st: st + context_words])
-        true = " ".join(words[st + context_words: st + win])
+        continuation = " ".join(words[st + context_words: st + win])
+        true = continuation if mode == "continuation" else context
         choices = [true]
         for _ in range(10_000):
             if len(choices) == 4:
@@ -176,26 +185,27 @@ def build_mc_docs(streams: list[list[str]], *, n_docs: int, context_words: int, 
             k = rng.randrange(total)
             ds = bisect.bisect_right(cum, k)
             dst = k - (cum[ds - 1] if ds else 0)
-            if ds == s and dst < st + win and dst + continuation_words > st:
-                continue  # overlaps the item's own context/continuation
-            cand = " ".join(streams[ds][dst: dst + continuation_words])
+            if ds == s and dst < st + win and dst + span > st:
+                continue  # overlaps the item's own window
+            cand = " ".join(streams[ds][dst: dst + span])
             if cand not in choices:
                 choices.append(cand)
         else:  # pragma: no cover - needs a degenerate corpus
             raise RuntimeError("could not draw 3 distinct distractors")
         distractors = choices[1:]
         label = rng.randrange(4)
-        docs.append({"context": context, "choices": distractors[:label] + [true] + distractors[label:],
-                     "label": label, "stream": s, "offset": st})
+        docs.append({"context": context, "continuation": continuation,
+                     "choices": distractors[:label] + [true] + distractors[label:], "label": label,
+                     "stream": s, "offset": st})
     return docs
 
 
 def mc_documents_list(corpus: str, split: str = "test", data_dir=None, *, n_docs: int = MC_DEFAULTS["n_docs"],
                       context_words: int = MC_DEFAULTS["context_words"],
                       continuation_words: int = MC_DEFAULTS["continuation_words"],
-                      seed: int = MC_DEFAULTS["seed"]) -> list[dict]:
+                      seed: int = MC_DEFAULTS["seed"], mode: str = "continuation") -> list[dict]:
     return build_mc_docs(mc_word_streams(corpus, split, data_dir), n_docs=n_docs, context_words=context_words,
-                         continuation_words=continuation_words, seed=seed)
+                         continuation_words=continuation_words, seed=seed, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------- lm-eval hooks
@@ -219,8 +229,10 @@ def ptb_dataset(split: str = "test", data_dir=None, lines_per_doc: int = PTB_LIN
 
 def mc_dataset(corpus: str, split: str = "test", fewshot_split: str = "validation", data_dir=None,
                n_docs: int = MC_DEFAULTS["n_docs"], context_words: int = MC_DEFAULTS["context_words"],
-               continuation_words: int = MC_DEFAULTS["continuation_words"], seed: int = MC_DEFAULTS["seed"], **_):
-    kw = dict(n_docs=n_docs, context_words=context_words, continuation_words=continuation_words, seed=seed)
+               continuation_words: int = MC_DEFAULTS["continuation_words"], seed: int = MC_DEFAULTS["seed"],
+               mode: str = "continuation", **_):
+    kw = dict(n_docs=n_docs, context_words=context_words, continuation_words=continuation_words, seed=seed,
+              mode=mode)
     splits = {split: mc_documents_list(corpus, split, data_dir, **kw)}
     # few-shot examples come from another split of the same corpus (lm-eval builds the sampler even at 0 shots)
     splits[fewshot_split] = mc_documents_list(corpus, fewshot_split, data_dir, **kw)

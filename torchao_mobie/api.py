@@ -1,0 +1,596 @@
+"""Public API: sequential calibrated binarization and the torchao-native ``quantize_`` flow.
+
+``quantize_model(model, config, calibration)`` (GPTQ order)
+    1. one forward of the full-precision model captures the input of decoder layer 0 and the keyword
+       arguments (masks, rotary embeddings, ...) the model passes every layer;
+    2. for each decoder layer, stage by stage (true-sequential: attention inputs, attention output,
+       MLP inputs = experts ``gate_up_proj`` + shared/dense gate/up, MLP outputs = experts ``down_proj``
+       + shared/dense down): hooks collect the stage's statistics while the layer runs on its
+       calibration inputs, then the stage is binarized, so each stage sees the outputs of the stages
+       already binarized (down_proj's Hessian comes from the *binarized* gate_up);
+    3. the binarized layer is re-run to produce the next layer's inputs.
+    Only the current stage's statistics are alive at any time.
+
+torchao-native (``torchao_mobie.quantize_`` or ``torchao.quantize_`` + :func:`moe_experts_filter` or
+``FqnToConfig``): ``step="observe"`` installs statistics hooks on the experts modules (and on linear
+layers in scope), the user runs calibration batches, ``step="convert"`` binarizes from the accumulated
+statistics and removes the hooks. ``convert`` without observation is data-free (identity Hessian).
+No sequential propagation in this flow: all statistics come from the full-precision model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .algorithms.result import BitBudget
+from .calibration import (
+    ExpertHessians,
+    ExpertStatsCollector,
+    FallbackEvent,
+    LinearStatsCollector,
+    RouterInputStats,
+    log_fallback_summary,
+)
+from .config import ALL_SCOPES, BinarizationConfig, BinarizedExperts, QuantContext, Scope
+from .integrations.transformers import (
+    PROJECTIONS,
+    DecoderLayerInfo,
+    ExpertsInfo,
+    LinearInfo,
+    MoEModelLayout,
+    discover_moe_layout,
+    experts_info,
+    is_experts_module,
+)
+
+__all__ = [
+    "BinarizationRecord",
+    "QuantizationReport",
+    "binarize_module",
+    "moe_experts_filter",
+    "quantize_",
+    "quantize_model",
+    "scope_filter",
+]
+
+logger = logging.getLogger("torchao_mobie")
+
+_RECORDS = "_mobie_records"  # module attribute: {parameter name: BinarizationRecord}
+_OBSERVER = "_mobie_observer"  # module attribute: the statistics collector installed by step="observe"
+_ROUTER_STATS = "_mobie_router_stats"  # experts-module attribute left by a calibrated convert
+_NAME = "_mobie_name"  # module attribute: fqn, for messages from torchao handlers
+_KIND = "_mobie_kind"  # nn.Linear attribute: its Scope kind; untagged linears (lm_head, gates) are refused
+
+
+# --------------------------------------------------------------------------------------------------
+# Records and report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BinarizationRecord:
+    """Left on a module for each binarized parameter (also what forbids binarizing it twice)."""
+
+    config: str
+    bits: BitBudget
+    data_free: bool = False
+    fallback_experts: list[int] = field(default_factory=list)
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantization run did.
+
+    parameters: per binarized parameter fqn, its :class:`BitBudget`; ``bits`` sums them
+        (``report.bits.paper_bits``, ``report.bits.all_inclusive_bits``).
+    fallback_events: experts that used the layer-level Hessian (too few calibration tokens).
+    router_stats: router-input moments per MoE block fqn (CPU tensors).
+    data_free: parameters binarized without calibration statistics.
+    """
+
+    config: str = ""
+    parameters: dict[str, BitBudget] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+    fallback_events: list[FallbackEvent] = field(default_factory=list)
+    router_stats: dict[str, RouterInputStats] = field(default_factory=dict)
+    data_free: list[str] = field(default_factory=list)
+    calibration_tokens: int = 0
+
+    @property
+    def bits(self) -> BitBudget:
+        total = BitBudget()
+        for b in self.parameters.values():
+            total = total + b
+        return total
+
+    def summary(self) -> str:
+        b = self.bits
+        n_fb = sum(len(e.experts) for e in self.fallback_events)
+        return (f"{self.config}: {len(self.parameters)} parameters, {b.n_weights} weights, "
+                f"{b.paper_bits:.4f} bits/weight (paper convention), {b.all_inclusive_bits:.4f} (all-inclusive), "
+                f"{self.calibration_tokens} calibration tokens, {n_fb} expert fallbacks, "
+                f"{len(self.data_free)} data-free, {self.wall_time_s:.1f} s")
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "QuantizationReport":
+        """Rebuild a report from the records left on a model's modules (e.g. after ``quantize_``)."""
+        report = cls()
+        configs = set()
+        for fqn, module in model.named_modules():
+            for pname, rec in getattr(module, _RECORDS, {}).items():
+                name = f"{fqn}.{pname}" if fqn else pname
+                report.parameters[name] = rec.bits
+                configs.add(rec.config)
+                if rec.data_free:
+                    report.data_free.append(name)
+            stats = getattr(module, _ROUTER_STATS, None)
+            if stats is not None:
+                report.router_stats[fqn.rsplit(".", 1)[0] if "." in fqn else fqn] = stats
+        report.config = ",".join(sorted(configs))
+        return report
+
+
+def _records(module: nn.Module) -> dict:
+    recs = getattr(module, _RECORDS, None)
+    if recs is None:
+        recs = {}
+        setattr(module, _RECORDS, recs)
+    return recs
+
+
+def _name(module: nn.Module) -> str:
+    return getattr(module, _NAME, "") or type(module).__name__
+
+
+def _check_not_binarized(module: nn.Module, params) -> None:
+    recs = getattr(module, _RECORDS, {})
+    for p in params:
+        if p in recs:
+            raise RuntimeError(
+                f"{_name(module)}.{p} is already binarized (by {recs[p].config}); binarizing binary weights again "
+                "is not supported: reload the full-precision weights to quantize with another config")
+
+
+# --------------------------------------------------------------------------------------------------
+# Binarizing one parameter (shared by both flows)
+# --------------------------------------------------------------------------------------------------
+
+_DATA_FREE_WARNED: dict[int, weakref.ref] = {}
+
+
+def _warn_data_free(config: BinarizationConfig, what: str) -> None:
+    ref = _DATA_FREE_WARNED.get(id(config))
+    if ref is not None and ref() is config:
+        logger.debug("%s: data-free binarization of %s", type(config).__name__, what)
+        return
+    for key in [k for k, r in _DATA_FREE_WARNED.items() if r() is None]:
+        del _DATA_FREE_WARNED[key]
+    _DATA_FREE_WARNED[id(config)] = weakref.ref(config)
+    logger.warning(
+        "%s: no calibration statistics observed (first: %s): binarizing data-free with an identity Hessian, so "
+        "without activation-aware saliency (salient columns chosen by weight magnitude) and without error "
+        "compensation across columns. For calibrated binarization run step='observe', then calibration batches, "
+        "then step='convert', or use torchao_mobie.quantize_model(model, config, calibration).",
+        type(config).__name__, what)
+
+
+def _finite_or_raise(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(f"binarizing {what} produced non-finite values; the weights were left unchanged")
+
+
+def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | None, config: BinarizationConfig,
+                   name: str, router_stats: RouterInputStats | None = None) -> BinarizationRecord:
+    w = info.weight(projection).detach().float()
+    e, _, d = w.shape
+    if hess is None:
+        h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
+        ctx = QuantContext(name=name, projection=projection, data_free=True, router_stats=router_stats)
+    else:
+        h3d = hess.hessian
+        ctx = QuantContext(name=name, projection=projection, token_counts=hess.counts,
+                           fallback_experts=hess.fallback_experts, router_stats=router_stats)
+    res = config.quantize_experts(w, h3d, context=ctx)
+    if not isinstance(res, BinarizedExperts):
+        res = BinarizedExperts(*res)
+    if tuple(res.weight.shape) != tuple(w.shape):
+        raise ValueError(f"{type(config).__name__}.quantize_experts returned {list(res.weight.shape)} for {name}, "
+                         f"expected {list(w.shape)}")
+    _finite_or_raise(res.weight, name)
+    info.set_weight(projection, res.weight)
+    rec = BinarizationRecord(config=type(config).__name__, bits=res.bits, data_free=hess is None,
+                             fallback_experts=[] if hess is None else hess.fallback_experts)
+    _records(info.module)[projection] = rec
+    return rec
+
+
+def _apply_linear(module: nn.Linear, hessian: torch.Tensor | None, config: BinarizationConfig,
+                  name: str) -> BinarizationRecord:
+    w = module.weight.detach().float()
+    data_free = hessian is None
+    if data_free:
+        hessian = torch.eye(module.in_features, device=w.device)
+    res = config.quantize_linear(w, hessian, context=QuantContext(name=name, projection="weight", data_free=data_free))
+    if tuple(res.weight.shape) != tuple(w.shape):
+        raise ValueError(f"{type(config).__name__}.quantize_linear returned {list(res.weight.shape)} for {name}, "
+                         f"expected {list(w.shape)}")
+    _finite_or_raise(res.weight, name)
+    with torch.no_grad():
+        module.weight.data.copy_(res.weight.to(module.weight.dtype))
+    rec = BinarizationRecord(config=type(config).__name__, bits=res.bits, data_free=data_free)
+    _records(module)["weight"] = rec
+    return rec
+
+
+# --------------------------------------------------------------------------------------------------
+# torchao handler body (registered for every BinarizationConfig subclass in config.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_name: str | None = None) -> nn.Module:
+    """Observe or binarize the parameters of one experts module or nn.Linear (torchao handler).
+
+    parameter_name: ``gate_up_proj`` / ``down_proj`` (experts) or ``weight`` (nn.Linear); None = all.
+    """
+    if not isinstance(config, BinarizationConfig):
+        raise TypeError(f"expected a BinarizationConfig, got {type(config).__name__}")
+    name = _name(module)
+    if is_experts_module(module):
+        info = experts_info(module, getattr(module, _NAME, ""))
+        if parameter_name is None:
+            params = PROJECTIONS
+        elif parameter_name in PROJECTIONS:
+            params = (parameter_name,)
+        else:
+            raise ValueError(f"{name}.{parameter_name} cannot be binarized by {type(config).__name__}: only the expert "
+                             f"weights {PROJECTIONS} are (biases stay in full precision)")
+    elif isinstance(module, nn.Linear):
+        if parameter_name not in (None, "weight"):
+            raise ValueError(f"{name}.{parameter_name} cannot be binarized: only the weight of an nn.Linear is")
+        if getattr(module, _KIND, None) is None:
+            raise ValueError(
+                f"{type(config).__name__} got an nn.Linear ({name}) that is not a known attention / shared-expert / "
+                "dense-MLP projection of an MoE model: routers, gates, embeddings and lm_head are never binarized. "
+                "torchao's default filter visits every nn.Linear; use torchao_mobie.quantize_(model, config) (scope-aware, "
+                "also with FqnToConfig) or torchao.quantize_(model, config, filter_fn=torchao_mobie.moe_experts_filter)")
+        info, params = None, ("weight",)
+    else:
+        raise TypeError(
+            f"{type(config).__name__} binarizes MoE experts modules (3D gate_up_proj/down_proj) and nn.Linear layers, "
+            f"got {name} ({type(module).__name__}); select modules with torchao_mobie.moe_experts_filter, "
+            "torchao_mobie.quantize_ or FqnToConfig")
+    _check_not_binarized(module, params)
+
+    observer = getattr(module, _OBSERVER, None)
+    if config.step == "observe":
+        if info is not None:
+            if observer is None:
+                observer = ExpertStatsCollector(info, params, min_expert_tokens=config.min_expert_tokens).attach()
+                setattr(module, _OBSERVER, observer)
+            else:
+                for p in params:
+                    observer.enable(p)
+        elif observer is None:
+            setattr(module, _OBSERVER, LinearStatsCollector(module, name).attach())
+        return module
+
+    if info is None:
+        if isinstance(observer, LinearStatsCollector):
+            hessian = observer.finalize()
+            observer.detach()
+            delattr(module, _OBSERVER)
+        else:
+            _warn_data_free(config, name)
+            hessian = None
+        _apply_linear(module, hessian, config, name)
+        return module
+
+    for p in params:
+        if isinstance(observer, ExpertStatsCollector) and p in observer.projections:
+            if config.min_expert_tokens != observer.min_expert_tokens:
+                logger.warning("%s: min_expert_tokens=%d was fixed when observing; %d at convert is ignored",
+                               name, observer.min_expert_tokens, config.min_expert_tokens)
+            hess = observer.finalize(p)
+            log_fallback_summary(name, [hess.event])
+            _apply_experts(info, p, hess, config, f"{name}.{p}", router_stats=observer.router_stats())
+            if not observer.projections:
+                observer.detach()
+                delattr(module, _OBSERVER)
+                setattr(module, _ROUTER_STATS, observer.router_stats().to("cpu"))
+        else:
+            _warn_data_free(config, f"{name}.{p}")
+            _apply_experts(info, p, None, config, f"{name}.{p}")
+    return module
+
+
+# --------------------------------------------------------------------------------------------------
+# Filters and the quantize_ wrapper
+# --------------------------------------------------------------------------------------------------
+
+
+def moe_experts_filter(module: nn.Module, fqn: str = "") -> bool:
+    """``filter_fn`` for ``torchao.quantize_``: selects fused MoE experts modules (routed experts)."""
+    return is_experts_module(module)
+
+
+def _tag_names(layout: MoEModelLayout) -> None:
+    for layer in layout.layers:
+        if layer.moe is not None:
+            setattr(layer.moe.experts.module, _NAME, layer.moe.experts.fqn)
+        for li in layer.linears(set(ALL_SCOPES)):
+            setattr(li.module, _NAME, li.fqn)
+            setattr(li.module, _KIND, li.kind)
+
+
+def _selected(layout: MoEModelLayout, scope) -> tuple[list[ExpertsInfo], list[LinearInfo]]:
+    scope = set(scope)
+    experts = layout.experts() if Scope.ROUTED_EXPERTS.value in scope else []
+    linears = [li for layer in layout.layers for li in layer.linears(scope)]
+    return experts, linears
+
+
+def scope_filter(model: nn.Module, scope) -> Callable[[nn.Module, str], bool]:
+    """``filter_fn`` selecting exactly the modules of ``model`` in ``scope`` (fqns relative to ``model``)."""
+    layout = discover_moe_layout(model)
+    _tag_names(layout)
+    experts, linears = _selected(layout, scope)
+    selected = {e.fqn for e in experts} | {li.fqn for li in linears}
+    return lambda module, fqn: fqn in selected
+
+
+_DEFAULT = object()
+
+
+def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None:
+    """``torchao.quantize_`` with a filter that reaches MoE experts.
+
+    torchao's default filter only visits ``nn.Linear``; here the default is the config's scope
+    (routed experts modules by default, plus attention / shared experts / dense MLP linears when the
+    scope asks for them). ``FqnToConfig`` configs are passed through (``filter_fn`` must be left unset).
+    """
+    from torchao.quantization import FqnToConfig
+    from torchao.quantization import quantize_ as ao_quantize_
+
+    if isinstance(config, FqnToConfig):
+        if filter_fn not in (_DEFAULT, None):
+            raise ValueError("filter_fn must be left unset with FqnToConfig (torchao requires filter_fn=None)")
+        try:
+            _tag_names(discover_moe_layout(model))
+        except ValueError:
+            pass
+        ao_quantize_(model, config, filter_fn=None, device=device)
+        return
+    if not isinstance(config, BinarizationConfig):
+        raise TypeError(f"torchao_mobie.quantize_ expects a BinarizationConfig or FqnToConfig, got {type(config).__name__}")
+    if filter_fn is _DEFAULT or filter_fn is None:
+        filter_fn = scope_filter(model, config.scope)
+    ao_quantize_(model, config, filter_fn=filter_fn, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequential pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask.reshape(-1).bool()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+
+
+def _as_batch(item, device) -> _Batch:
+    mask = None
+    if isinstance(item, Mapping):
+        if "input_ids" not in item:
+            raise ValueError(f"calibration dicts need an 'input_ids' entry, got keys {sorted(item)}")
+        ids, mask = item["input_ids"], item.get("attention_mask")
+    else:
+        ids = item
+    ids = torch.as_tensor(ids)
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"calibration token ids must be integers, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(f"calibration batches must be non-empty [batch, seqlen] token ids, got shape {list(ids.shape)}")
+    if mask is not None:
+        mask = torch.as_tensor(mask).reshape(ids.shape).to(device)
+    return _Batch(ids.long().to(device), mask)
+
+
+def _calibration_batches(calibration, batch_size: int, device) -> list[_Batch]:
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration.unsqueeze(0) if calibration.dim() == 1 else calibration
+        items = list(ids.split(batch_size)) if ids.dim() == 2 else [ids]
+    elif isinstance(calibration, Mapping):
+        items = [calibration]
+    elif isinstance(calibration, Iterable):
+        items = list(calibration)
+    else:
+        raise TypeError(f"calibration must be a LongTensor [n, seqlen], or an iterable of such batches or of dicts "
+                        f"with 'input_ids', got {type(calibration).__name__}")
+    batches = [_as_batch(item, device) for item in items]
+    if not batches:
+        raise ValueError("calibration is empty")
+    return batches
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else None
+    return base if isinstance(base, nn.Module) else model
+
+
+@torch.no_grad()
+def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[_Batch]):
+    """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it."""
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            if args:
+                hs, rest = args[0], tuple(args[1:])
+            else:
+                kwargs = dict(kwargs)
+                hs, rest = kwargs.pop("hidden_states"), ()
+            if i == 0:
+                hidden.append(hs)
+            calls[i].append((rest, dict(kwargs)))
+        return hook
+
+    handles = [layer.module.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+               for i, layer in enumerate(layout.layers)]
+    try:
+        base = _base_model(model)
+        for b in batches:
+            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
+        raise RuntimeError(f"{layout.model_class}: the decoder layers in {layout.layers_fqn} were not each called "
+                           "once per calibration batch; cannot run the sequential pipeline on this model")
+    return hidden, calls
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class _Stage:
+    projections: tuple[str, ...]  # of the layer's experts module
+    linears: list[LinearInfo]
+
+
+def _stages(layer: DecoderLayerInfo, scope: set, true_sequential: bool) -> list[_Stage]:
+    experts_on = layer.moe is not None and Scope.ROUTED_EXPERTS.value in scope
+    linears = layer.linears(scope)
+    if not true_sequential:
+        stages = [_Stage(PROJECTIONS if experts_on else (), linears)]
+    else:
+        attn = [li for li in linears if li.kind == Scope.ATTENTION.value]
+        mlp = [li for li in linears if li.kind != Scope.ATTENTION.value]
+        stages = [
+            _Stage((), [li for li in attn if li.stage == "in"]),
+            _Stage((), [li for li in attn if li.stage == "out"]),
+            _Stage(("gate_up_proj",) if experts_on else (), [li for li in mlp if li.stage == "in"]),
+            _Stage(("down_proj",) if experts_on else (), [li for li in mlp if li.stage == "out"]),
+        ]
+    return [s for s in stages if s.projections or s.linears]
+
+
+def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
+               report: QuantizationReport, events: list[FallbackEvent]) -> None:
+    experts = None
+    if stage.projections:
+        experts = ExpertStatsCollector(layer.moe.experts, stage.projections,
+                                       min_expert_tokens=config.min_expert_tokens).attach()
+    linears = [LinearStatsCollector(li.module, li.fqn).attach() for li in stage.linears]
+    collectors = ([experts] if experts else []) + linears
+    try:
+        for h, (args, kwargs), b in zip(hidden, calls, batches):
+            for c in collectors:
+                c.token_mask = b.token_mask
+            layer.module(h, *args, **kwargs)
+    finally:
+        for c in collectors:
+            c.detach()
+
+    for li, c in zip(stage.linears, linears):
+        report.parameters[f"{li.fqn}.weight"] = _apply_linear(li.module, c.finalize(), config, li.fqn).bits
+    del linears
+    if experts is not None:
+        info = layer.moe.experts
+        stats = experts.router_stats()
+        if "gate_up_proj" in stage.projections:
+            report.router_stats[layer.moe.fqn] = stats.to("cpu")
+        for p in stage.projections:
+            hess = experts.finalize(p)
+            name = f"{info.fqn}.{p}"
+            report.parameters[name] = _apply_experts(info, p, hess, config, name, router_stats=stats).bits
+            events.append(hess.event)
+            if hess.event.experts:
+                report.fallback_events.append(hess.event)
+            del hess
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *, progress: bool = True,
+                   true_sequential: bool = True, batch_size: int = 8) -> QuantizationReport:
+    """Binarize ``model`` in place, layer by layer, with calibration statistics (GPTQ order).
+
+    Args:
+        model: a transformers MoE model (``*ForCausalLM`` or its base model) with fused experts.
+        config: a :class:`~torchao_mobie.config.BinarizationConfig` with ``step="convert"``.
+        calibration: LongTensor ``[n, seqlen]`` of token ids (split into ``batch_size`` rows per batch),
+            or an iterable of such batches or of dicts with ``input_ids`` (and optional
+            ``attention_mask``: padded tokens are left out of every statistic).
+        progress: tqdm bar over decoder layers.
+        true_sequential: re-collect statistics after each stage of a layer (attention inputs,
+            attention output, MLP inputs, MLP outputs); False collects one layer's statistics in one
+            pass from the layer's (already sequential) inputs, as the observe/convert flow does.
+        batch_size: rows per batch when ``calibration`` is one tensor.
+
+    Returns a :class:`QuantizationReport`.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(config, BinarizationConfig):
+        raise TypeError(f"quantize_model expects a BinarizationConfig, got {type(config).__name__}")
+    if config.step != "convert":
+        raise ValueError(f"quantize_model runs the calibration itself; pass {type(config).__name__}(step='convert') "
+                         f"(got step={config.step!r})")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    layout = discover_moe_layout(model)
+    _tag_names(layout)
+    scope = set(config.scope)
+    experts, linears = _selected(layout, scope)
+    for e in experts:
+        _check_not_binarized(e.module, PROJECTIONS)
+    for li in linears:
+        _check_not_binarized(li.module, ("weight",))
+    for m in [e.module for e in experts] + [li.module for li in linears]:
+        if getattr(m, _OBSERVER, None) is not None:
+            raise RuntimeError(f"{_name(m)} has observers from step='observe'; finish that flow with step='convert' "
+                               "instead of calling quantize_model")
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = emb.weight.device if emb is not None else next(model.parameters()).device
+    batches = _calibration_batches(calibration, batch_size, device)
+    report = QuantizationReport(config=type(config).__name__, calibration_tokens=sum(b.n_tokens for b in batches))
+
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, calls = _capture_layer_inputs(model, layout, batches)
+        from tqdm.auto import tqdm
+
+        for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
+            events: list[FallbackEvent] = []
+            for stage in _stages(layer, scope, true_sequential):
+                _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events)
+            log_fallback_summary(layer.fqn, events)
+            hidden = [_layer_output(layer.module(h, *args, **kwargs))
+                      for h, (args, kwargs) in zip(hidden, calls[layer.index])]
+    finally:
+        model.train(was_training)
+    report.wall_time_s = time.perf_counter() - t0
+    logger.info("%s", report.summary())
+    return report

@@ -1,0 +1,199 @@
+"""Per-expert input Hessians of a fused experts module, from the tokens the router sends to each expert.
+
+One forward pre-hook on the experts module sees ``(hidden_states [T, H], top_k_index [T, k],
+top_k_weights [T, k])`` for every transformers family. Per batch, the collector
+
+* groups the routing pairs by expert (:mod:`.routing`) and adds ``X_eᵀ X_e`` for ``gate_up_proj`` and
+  ``A_eᵀ A_e`` for ``down_proj``, where ``A_e = act(X_e W_gate,eᵀ)·(X_e W_up,eᵀ)`` is computed with the
+  module's *current* gate_up weights (one matmul per expert, no per-token outer products);
+* adds the layer-level sums ``Σ x`` and ``Σ x xᵀ`` over all tokens entering the module (router-input
+  statistics and the ``gate_up_proj`` fallback Hessian);
+* for experts still below ``min_expert_tokens``, adds the expert's own down-proj inputs over all tokens
+  (the ``down_proj`` fallback, see :mod:`.fallback`).
+
+Everything is fp32 on the device of the expert weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..integrations.transformers import PROJECTIONS, ExpertsInfo, experts_call_args
+from .fallback import DEFAULT_MIN_EXPERT_TOKENS, FallbackEvent
+from .hessian import add_outer
+from .router import RouterInputStats
+from .routing import route_tokens
+
+__all__ = ["ExpertHessians", "ExpertStatsCollector"]
+
+
+class ExpertHessians:
+    """Finalized statistics of one projection of one experts module.
+
+    hessian: ``[E, in, in]`` fp32 mean Hessians ``E[x xᵀ]`` (starved experts: the layer-level one).
+    counts: ``[E]`` routed tokens per expert.
+    fallback: the experts that use the layer-level Hessian, with the event describing it.
+    """
+
+    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent):
+        self.hessian = hessian
+        self.counts = counts
+        self.event = event
+
+    @property
+    def fallback_experts(self) -> list[int]:
+        return list(self.event.experts)
+
+
+class ExpertStatsCollector:
+    """Accumulates the statistics of one experts module (see module docstring).
+
+    projections: which per-expert Hessians to collect (``"gate_up_proj"``, ``"down_proj"``).
+    min_expert_tokens: experts with fewer routed tokens fall back to the layer-level Hessian.
+    token_mask: optional ``[T]`` bool set by the caller before each batch (False = padding, ignored).
+
+    Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
+    collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
+    ``Σ w x xᵀ``; nothing else changes.
+    """
+
+    def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
+                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS):
+        for p in projections:
+            if p not in PROJECTIONS:
+                raise ValueError(f"unknown projection {p!r}; expected one of {PROJECTIONS}")
+        if min_expert_tokens < 1:
+            raise ValueError(f"min_expert_tokens must be >= 1, got {min_expert_tokens}")
+        self.experts = experts
+        self.min_expert_tokens = int(min_expert_tokens)
+        self.device = experts.parameter("gate_up_proj").device
+        e, h = experts.num_experts, experts.hidden_dim
+        self.counts = torch.zeros(e, dtype=torch.int64, device=self.device)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.layer_sum_x = torch.zeros(h, device=self.device)
+        self.layer_sum_xxt = torch.zeros(h, h, device=self.device)
+        self.layer_tokens = 0
+        self._down_all: dict[int, torch.Tensor] = {}  # starved experts' down inputs over all tokens
+        self.token_mask: torch.Tensor | None = None
+        self._handle = None
+        for p in projections:
+            self.enable(p)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return tuple(p for p in PROJECTIONS if p in self.sums)
+
+    def enable(self, projection: str) -> None:
+        """Start collecting a projection (only before any token has been observed)."""
+        if projection in self.sums:
+            return
+        if self.layer_tokens:
+            raise RuntimeError(
+                f"{self.experts.fqn or 'experts module'}: cannot start observing {projection} after "
+                f"{self.layer_tokens} tokens were already observed; observe all projections before calibrating")
+        d = self.experts.in_features(projection)
+        self.sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
+
+    def attach(self) -> "ExpertStatsCollector":
+        if self._handle is None:
+            self._handle = self.experts.module.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
+        self.observe(hidden_states, top_k_index, top_k_weights)
+        return None
+
+    # -- accumulation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def observe(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor | None = None, *, pair_weights: torch.Tensor | None = None) -> None:
+        """Add one batch. ``top_k_weights`` is accepted for interface symmetry; Hessians are unweighted
+        by routing probabilities (as BiLLM/ARB apply per expert); ``pair_weights [T, k]`` weights each
+        (token, slot) pair (GLAS extension point)."""
+        info = self.experts
+        x = hidden_states.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
+        mask = self.token_mask
+        if mask is not None:
+            mask = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+            if mask.numel() != x.shape[0]:
+                raise ValueError(f"token_mask has {mask.numel()} entries for {x.shape[0]} tokens")
+        x_layer = x if mask is None else x[mask]
+        self.layer_sum_x += x_layer.sum(0)
+        add_outer(self.layer_sum_xxt, x_layer)
+        self.layer_tokens += x_layer.shape[0]
+
+        routed = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=mask,
+                              pair_weights=pair_weights)
+        self.counts += routed.counts
+        h_gu, h_dn = self.sums.get("gate_up_proj"), self.sums.get("down_proj")
+        for e, s, t in routed.segments():
+            xe = x.index_select(0, routed.token_idx[s:t])  # one expert's tokens at a time (bounded peak memory)
+            w = None if routed.pair_weights is None else routed.pair_weights[s:t]
+            if h_gu is not None:
+                add_outer(h_gu[e], xe, w)
+            if h_dn is not None:
+                add_outer(h_dn[e], info.down_input(xe, e), w)
+
+        if h_dn is not None:
+            # Experts that are (still) starved after this batch get their down-proj inputs over every token.
+            # Counts only grow, so an expert starved at the end was starved after every batch and its
+            # accumulator covers all of them; experts crossing the threshold drop theirs.
+            starved = (self.counts < self.min_expert_tokens).nonzero().flatten().tolist()
+            for e in list(self._down_all):
+                if e not in starved:
+                    del self._down_all[e]
+            for e in starved:
+                acc = self._down_all.get(e)
+                if acc is None:
+                    d = info.intermediate_dim
+                    acc = self._down_all[e] = torch.zeros(d, d, device=self.device)
+                add_outer(acc, info.down_input(x_layer, e))
+
+    # -- results -----------------------------------------------------------------------------------
+
+    def router_stats(self) -> RouterInputStats:
+        """Moments of the tokens entering the experts module (= the router input in every family)."""
+        return RouterInputStats.from_sums(self.layer_sum_x, self.layer_sum_xxt, self.layer_tokens)
+
+    def layer_hessian(self) -> torch.Tensor:
+        """``E[x xᵀ]`` over all tokens entering the module (gate_up fallback)."""
+        return self.layer_sum_xxt / max(self.layer_tokens, 1)
+
+    @torch.no_grad()
+    def finalize(self, projection: str) -> ExpertHessians:
+        """Mean Hessians of one projection with starved experts replaced; frees that accumulator.
+
+        Raises if no token was observed (calibration never reached this module).
+        """
+        if projection not in self.sums:
+            raise ValueError(f"{self.experts.fqn or 'experts module'}: {projection} was not observed "
+                             f"(observed: {list(self.projections)})")
+        if self.layer_tokens == 0:
+            raise RuntimeError(
+                f"{self.experts.fqn or 'experts module'}: no tokens were observed; run calibration batches "
+                "through the model between the 'observe' and 'convert' steps")
+        h = self.sums.pop(projection)
+        counts = self.counts.clone()
+        h.div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+        starved = (counts < self.min_expert_tokens).nonzero().flatten().tolist()
+        for e in starved:
+            if projection == "gate_up_proj":
+                h[e] = self.layer_hessian()
+            else:
+                h[e] = self._down_all[e] / self.layer_tokens
+        if projection == "down_proj":
+            self._down_all.clear()
+        event = FallbackEvent(module=self.experts.fqn, projection=projection, experts=starved,
+                              token_counts=[int(counts[e]) for e in starved],
+                              min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
+                              experts_total=self.experts.num_experts)
+        return ExpertHessians(hessian=h, counts=counts, event=event)

@@ -1,0 +1,267 @@
+"""Binarization configs: torchao ``AOBaseConfig`` dataclasses, one per method.
+
+Every config is usable three ways:
+
+* ``torchao_mobie.quantize_model(model, cfg, calibration)``: sequential (GPTQ-order) calibration;
+* ``torchao_mobie.quantize_(model, cfg)`` / ``torchao.quantize_(model, cfg, filter_fn=moe_experts_filter)``
+  / ``FqnToConfig({r"re:.*\\.experts\\.gate_up_proj": cfg, ...})``: torchao-native, with
+  ``step="observe"`` then ``step="convert"`` (or ``convert`` alone = data-free);
+* directly: ``cfg.quantize_experts(W3d, H3d)`` / ``cfg.binarize_matrix(W, H)``.
+
+The primary interface is :meth:`BinarizationConfig.quantize_experts`, which receives a whole
+``[E, out, in]`` projection and its per-expert Hessians ``[E, in, in]`` at once, so methods that couple
+experts (MoBiE's joint decomposition) override it; the base implementation loops over experts with
+:meth:`binarize_matrix`. Subclasses are registered with torchao's ``quantize_`` automatically.
+
+Bit conventions (:class:`~torchao_mobie.algorithms.BitBudget`): ``paper_bits`` counts sign planes and
+bitmaps per weight (the BiLLM / ARB-LLM papers' ~1.1 bits); ``all_inclusive_bits`` adds every stored
+scale, mean and shared backbone value.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
+from torchao.quantization.transform_module import register_quantize_module_handler
+
+from .algorithms.result import BinarizedWeight, BitBudget
+from .calibration.fallback import DEFAULT_MIN_EXPERT_TOKENS
+from .calibration.router import RouterInputStats
+
+__all__ = [
+    "Scope",
+    "ALL_SCOPES",
+    "BinarizedExperts",
+    "QuantContext",
+    "BinarizationConfig",
+    "SignBinaryConfig",
+    "BiLLMConfig",
+    "ARBLLMConfig",
+]
+
+
+class Scope(str, enum.Enum):
+    """What a config may binarize. Routers, gates, embeddings, norms and lm_head never are."""
+
+    ROUTED_EXPERTS = "routed_experts"  # the fused 3D experts (gate_up_proj, down_proj)
+    SHARED_EXPERTS = "shared_experts"  # qwen2_moe shared_expert, deepseek shared_experts (not their gate)
+    ATTENTION = "attention"  # every nn.Linear of a decoder layer outside its MLP / MoE block
+    DENSE_MLP = "dense_mlp"  # MLP of non-MoE layers (deepseek first_k_dense_replace, mlp_only_layers)
+
+
+ALL_SCOPES = [s.value for s in Scope]
+_NEVER = ("router", "routers", "gate", "gates", "embed", "embeddings", "embed_tokens", "norm", "norms",
+          "layernorm", "lm_head")
+_STEPS = ("observe", "convert")
+
+
+class BinarizedExperts(NamedTuple):
+    """Result of :meth:`BinarizationConfig.quantize_experts`.
+
+    weight: ``[E, out, in]`` fp32 dequantized weights; bits: summed over experts; parts: per expert.
+    """
+
+    weight: torch.Tensor
+    bits: BitBudget
+    parts: list
+
+
+@dataclass
+class QuantContext:
+    """What the pipeline knows about the matrix being binarized (for methods that need more than W, H).
+
+    name: parameter fqn (may be a module-relative name in torchao handlers).
+    projection: "gate_up_proj" | "down_proj" for experts, "weight" for nn.Linear.
+    data_free: the Hessian is the identity because no calibration data was seen.
+    token_counts: ``[E]`` routed tokens per expert (experts only, None when data-free).
+    fallback_experts: experts whose Hessian is the layer-level one.
+    router_stats: router-input moments of the layer, when known (for expert-shift-aware methods).
+    """
+
+    name: str = ""
+    projection: str = "weight"
+    data_free: bool = False
+    token_counts: torch.Tensor | None = None
+    fallback_experts: list[int] = field(default_factory=list)
+    router_stats: RouterInputStats | None = None
+
+
+def _binarization_handler(module: torch.nn.Module, config: "BinarizationConfig", *, parameter_name: str | None = None):
+    """torchao ``quantize_`` handler shared by every :class:`BinarizationConfig` subclass.
+
+    ``parameter_name`` (keyword-only, as torchao's FqnToConfig requires): ``gate_up_proj`` /
+    ``down_proj`` of an experts module or ``weight`` of an nn.Linear; None = every binarizable parameter.
+    """
+    from .api import binarize_module  # late import: api imports this module
+
+    return binarize_module(module, config, parameter_name=parameter_name)
+
+
+@dataclass
+class BinarizationConfig(AOBaseConfig):
+    """Common fields of every binarization method (abstract: use a subclass).
+
+    These baselines are **fake-quant**: the dequantized binary weights are written back into the
+    original parameters in their original dtype, so nothing is saved in memory; the storage a packed
+    format would need is reported as a :class:`~torchao_mobie.algorithms.BitBudget`.
+
+    Args:
+        scope: what to binarize, a list of :class:`Scope` values. Default: routed experts only.
+            Routers, gates (e.g. ``shared_expert_gate``), embeddings, norms and lm_head are never binarized.
+        blocksize: columns per block of error compensation / salient-column search (BiLLM: 128).
+        percdamp: Hessian damping, fraction of the mean diagonal added to it (GPTQ/BiLLM: 0.01).
+        min_expert_tokens: an expert routed fewer calibration tokens than this uses the layer-level
+            Hessian (see :mod:`torchao_mobie.calibration.fallback` for the rule and the default).
+        step: "convert" (binarize; with prior observation, from its statistics, else data-free) or
+            "observe" (install statistics observers; torchao-native two-step flow).
+    """
+
+    scope: list = field(default_factory=lambda: [Scope.ROUTED_EXPERTS.value])
+    blocksize: int = 128
+    percdamp: float = 0.01
+    min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS
+    step: str = "convert"
+    version: int = 1
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register_quantize_module_handler(cls)(_binarization_handler)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if type(self) is BinarizationConfig:
+            raise TypeError("BinarizationConfig is abstract; use SignBinaryConfig, BiLLMConfig or ARBLLMConfig")
+        scope = [self.scope] if isinstance(self.scope, (str, Scope)) else list(self.scope)
+        normalized = []
+        for s in scope:
+            value = s.value if isinstance(s, Scope) else s
+            if not isinstance(value, str) or value not in ALL_SCOPES:
+                never = isinstance(value, str) and any(value.lower().startswith(n) for n in _NEVER)
+                hint = (" (routers, gates, embeddings, norms and lm_head are never binarized)" if never else "")
+                raise ValueError(f"{name}.scope: unknown entry {s!r}{hint}; valid entries are {ALL_SCOPES}")
+            if value not in normalized:
+                normalized.append(value)
+        if not normalized:
+            raise ValueError(f"{name}.scope: empty; valid entries are {ALL_SCOPES}")
+        self.scope = [s for s in ALL_SCOPES if s in normalized]
+        _check_int(name, "blocksize", self.blocksize, 1)
+        _check_int(name, "min_expert_tokens", self.min_expert_tokens, 1)
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not (0 <= self.percdamp < 1):
+            raise ValueError(f"{name}.percdamp must be a float in [0, 1), got {self.percdamp!r}")
+        if self.step not in _STEPS:
+            raise ValueError(f"{name}.step must be one of {_STEPS}, got {self.step!r}")
+
+    # -- what a method implements ------------------------------------------------------------------
+
+    def binarize_matrix(self, W: torch.Tensor, H: torch.Tensor) -> BinarizedWeight:
+        """Binarize one ``[out, in]`` fp32 matrix given its ``[in, in]`` fp32 Hessian."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement binarize_matrix")
+
+    def quantize_experts(self, W3d: torch.Tensor, H3d: torch.Tensor, *,
+                         context: QuantContext | None = None) -> BinarizedExperts:
+        """Binarize all experts of one projection: ``W3d [E, out, in]``, ``H3d [E, in, in]`` (fp32).
+
+        The base implementation binarizes each expert independently with :meth:`binarize_matrix`
+        (inputs are cloned: the algorithms may work in place). Override for joint methods.
+        """
+        if W3d.dim() != 3 or H3d.dim() != 3 or H3d.shape[0] != W3d.shape[0] or H3d.shape[1:] != (W3d.shape[2],) * 2:
+            raise ValueError(f"{type(self).__name__}.quantize_experts: expected W3d [E, out, in] and H3d [E, in, in], "
+                             f"got {list(W3d.shape)} and {list(H3d.shape)}")
+        out, bits, parts = torch.empty_like(W3d, dtype=torch.float32), BitBudget(), []
+        for e in range(W3d.shape[0]):
+            res = self.binarize_matrix(W3d[e].float().clone(), H3d[e].float().clone())
+            out[e] = res.weight
+            bits = bits + res.bits
+            parts.append(res.parts)
+        return BinarizedExperts(out, bits, parts)
+
+    def quantize_linear(self, W: torch.Tensor, H: torch.Tensor, *,
+                        context: QuantContext | None = None) -> BinarizedWeight:
+        """Binarize one nn.Linear weight ``[out, in]`` (default: :meth:`binarize_matrix`)."""
+        return self.binarize_matrix(W.float().clone(), H.float().clone())
+
+
+def _check_int(cls_name: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{cls_name}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _algorithms():
+    from . import algorithms
+
+    return algorithms
+
+
+@dataclass
+class SignBinaryConfig(BinarizationConfig):
+    """Naive per-row sign binarization ``Ŵ = α·sign(W − μ) + μ`` (mean, mean-abs scale): the floor.
+
+    Ignores the Hessian. Fake-quant (dequantized weights stored in the original dtype). Bits: 1 sign bit
+    per weight (``paper_bits`` = 1.0); ``all_inclusive_bits`` adds 2 fp16 statistics per row.
+    """
+
+    def binarize_matrix(self, W, H):
+        return _algorithms().sign_quantize(W, H)
+
+
+@dataclass
+class BiLLMConfig(BinarizationConfig):
+    """BiLLM (Huang et al., ICML 2024): salient columns with two residual binary planes, bell-shaped
+    split of the rest into two groups, block-wise OBC error compensation with the Hessian.
+
+    Fake-quant (dequantized weights stored in the original dtype; no memory saved). ``paper_bits``
+    follows the paper's convention (sign planes + bitmaps, ~1.1 bits); ``all_inclusive_bits`` adds the
+    fp16 per-row, per-block means and scales.
+
+    salient_metric: "hessian" (``w² / [H⁻¹]_jj²``, the published scripts) or "magnitude".
+    """
+
+    salient_metric: str = "hessian"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.salient_metric not in ("hessian", "magnitude"):
+            raise ValueError(f"BiLLMConfig.salient_metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
+
+    def binarize_matrix(self, W, H):
+        return _algorithms().billm_quantize(W, H, blocksize=self.blocksize, percdamp=self.percdamp,
+                                            salient_metric=self.salient_metric)
+
+
+@dataclass
+class ARBLLMConfig(BinarizationConfig):
+    """ARB-LLM (Li et al., ICLR 2025): alternating refined binarization on BiLLM's partition.
+
+    variant: "arb" (alternating μ/α/B updates), "x" (ARB-X: calibration-aware refinement with the
+    Hessian; the default, ARB-LLM_X with ``cgb=True``), "rc" (ARB-RC: row-and-column scales, no mean).
+    cgb: column-group bitmap (salient columns split in two order-2 groups; no extra bits counted).
+    iters: alternating refinement iterations (15 in the paper).
+
+    Fake-quant (dequantized weights stored in the original dtype; no memory saved). Bits as
+    :class:`BiLLMConfig`: ``paper_bits`` = sign planes + bitmaps, ``all_inclusive_bits`` adds the fp16
+    row (and, for "rc", column) statistics.
+    """
+
+    variant: str = "x"
+    cgb: bool = True
+    iters: int = 15
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.variant not in ("arb", "x", "rc"):
+            raise ValueError(f"ARBLLMConfig.variant must be one of 'arb', 'x', 'rc', got {self.variant!r}")
+        if not isinstance(self.cgb, bool):
+            raise ValueError(f"ARBLLMConfig.cgb must be a bool, got {self.cgb!r}")
+        _check_int("ARBLLMConfig", "iters", self.iters, 0)
+
+    def binarize_matrix(self, W, H):
+        return _algorithms().arb_quantize(W, H, variant=self.variant, cgb=self.cgb, iters=self.iters,
+                                          blocksize=self.blocksize, percdamp=self.percdamp)
+
+
+# torchao's config (de)serialization only resolves classes from allow-listed modules.
+ALLOWED_AO_MODULES.add(__name__)
