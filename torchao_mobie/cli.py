@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-import time
 from pathlib import Path
 
 METHODS = ("sign", "billm", "arb-rc", "arb-x")
@@ -30,54 +28,20 @@ def make_config(method: str, **kw):
     return table[method]()
 
 
-def run_comparison(model_name: str, methods, *, nsamples: int, seqlen: int, eval_windows_n: int,
-                   calib: str = "wikitext2", seed: int = 0, data_dir=None, progress: bool = True) -> list[dict]:
-    """Quantize a zoo model with each method on the same calibration data; evaluate on the same windows."""
-    import copy
-
-    from .api import quantize_model
-    from .data import calibration_samples, eval_windows, load_text, tokenize_corpus
-    from .eval import compare_models
-    from .zoo import load_zoo_model
-
-    fp, tok = load_zoo_model(model_name)
-    calib_ids = calibration_samples(tokenize_corpus(load_text(calib, "train", data_dir), tok), nsamples, seqlen, seed)
-    test = eval_windows(tokenize_corpus(load_text("wikitext2", "test", data_dir), tok), seqlen,
-                        max_windows=eval_windows_n)
-    rows = []
-    for method in methods:
-        q = copy.deepcopy(fp)
-        t = time.time()
-        report = quantize_model(q, make_config(method), calib_ids, progress=progress)
-        seconds = time.time() - t
-        r = compare_models(fp, q, test)
-        rows.append({"model": model_name, "method": method, "paper_bits": round(report.bits.paper_bits, 3),
-                     "all_inclusive_bits": round(report.bits.all_inclusive_bits, 3),
-                     "ppl_fp": round(r.ppl_fp, 3), "ppl_q": round(r.ppl_q, 3), "gap": round(r.gap, 4),
-                     "topk_kept": round(r.expert_shift.mean_topk_kept, 4), "kl": round(r.kl, 4),
-                     "quant_seconds": round(seconds, 1), "eval_tokens": r.n_tokens})
-    return rows
-
-
-def print_table(rows: list[dict], cols=None, file=sys.stdout):
-    cols = cols or list(rows[0])
-    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)), file=file)
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(w) for c, w in zip(cols, widths)), file=file)
-
-
 def cmd_demo(args):
     from .zoo import DEFAULT_MODEL
 
     methods = args.methods or (["mobie"] if _has_mobie() else []) + ["arb-x", "billm", "sign"]
     print(f"torchao-mobie demo: zoo model {args.model or DEFAULT_MODEL}, {args.nsamples}x{args.seqlen} WikiText-2 "
           f"calibration tokens, WikiText-2 test ({args.eval_windows} windows of {args.seqlen})", flush=True)
-    rows = run_comparison(args.model or DEFAULT_MODEL, methods, nsamples=args.nsamples, seqlen=args.seqlen,
-                          eval_windows_n=args.eval_windows, data_dir=args.data_dir, seed=args.seed)
+    from .eval.report import compare_methods, format_table
+
+    rows = compare_methods(args.model or DEFAULT_MODEL, {m: make_config(m) for m in methods},
+                           nsamples=args.nsamples, seqlen=args.seqlen, eval_windows=args.eval_windows,
+                           data_dir=args.data_dir, seed=args.seed)
     print()
-    print_table(rows, ["method", "paper_bits", "all_inclusive_bits", "ppl_fp", "ppl_q", "gap", "topk_kept", "kl",
-                       "quant_seconds"])
+    print(format_table(rows, ["method", "paper_bits", "all_inclusive_bits", "wikitext2_ppl_fp", "wikitext2_ppl_q",
+                              "wikitext2_gap", "wikitext2_topk_kept", "wikitext2_kl", "quant_seconds"]))
     print("\ngap = ln(PPL_q) - ln(PPL_fp); topk_kept = share of full-precision top-k expert assignments kept;\n"
           "bits: paper convention (sign planes + bitmaps) and all-inclusive (every stored bit).")
     if args.json:

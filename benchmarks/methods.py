@@ -1,0 +1,119 @@
+"""Quality of every binarization method on the zoo: gap to full precision, bits, expert shift, time.
+
+    python benchmarks/methods.py --name baselines                       # issue 3 table
+    python benchmarks/methods.py --name mobie --methods mobie billm arb-x arb-rc --seeds 0 1 2
+
+Writes benchmarks/results/<name>.json (every row + the command), <name>.md (mean over seeds, spread in
+brackets) and <name>.png (WikiText-2 gap vs all-inclusive bits per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from torchao_mobie.cli import make_config
+from torchao_mobie.eval.report import compare_methods
+from torchao_mobie.zoo import ZOO, available
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS = ("paper_bits", "all_inclusive_bits", "wikitext2_gap", "ptb_gap", "wikitext2_topk_kept", "ptb_topk_kept",
+           "wikitext2_kl", "quant_seconds")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean over seeds per (model, method), with min-max spread of the gaps."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["method"])].append(r)
+    out = []
+    for (model, method), rs in groups.items():
+        s = {"model": model, "method": method, "seeds": len(rs)}
+        for m in METRICS:
+            vals = [r[m] for r in rs if m in r]
+            if vals:
+                s[m] = round(statistics.fmean(vals), 4)
+                if m.endswith("_gap") and len(vals) > 1:
+                    s[m + "_spread"] = f"{min(vals):.4f}-{max(vals):.4f}"
+        out.append(s)
+    for s in out:  # ratios against the baselines of the same model
+        base = {o["method"]: o for o in out if o["model"] == s["model"]}
+        if "billm" in base and base["billm"].get("wikitext2_gap"):
+            s["gap_vs_billm"] = round(s["wikitext2_gap"] / base["billm"]["wikitext2_gap"], 3)
+    return out
+
+
+def markdown(summary: list[dict], command: str) -> str:
+    cols = ["model", "method", "seeds", "paper_bits", "all_inclusive_bits", "wikitext2_gap", "wikitext2_gap_spread",
+            "ptb_gap", "gap_vs_billm", "wikitext2_topk_kept", "ptb_topk_kept", "wikitext2_kl", "quant_seconds"]
+    cols = [c for c in cols if any(c in s for s in summary)]
+    lines = [f"Command: `{command}`", "", "gap = ln(PPL_q) - ln(PPL_fp) on the test split; bits per expert weight in "
+             "the papers' convention (sign planes + bitmaps) and all-inclusive (every stored bit).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(s.get(c, "")) for c in cols) + " |" for s in summary]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({s["model"] for s in summary})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for s in (s for s in summary if s["model"] == model):
+            ax.scatter(s["all_inclusive_bits"], s["wikitext2_gap"], s=40)
+            ax.annotate(s["method"], (s["all_inclusive_bits"], s["wikitext2_gap"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("all-inclusive bits / expert weight")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("WikiText-2 gap ln(PPL_q/PPL_fp)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--name", default="baselines", help="results file stem")
+    ap.add_argument("--models", nargs="*", default=None, help="zoo models (default: all committed, micro excluded)")
+    ap.add_argument("--methods", nargs="*", default=["sign", "billm", "arb", "arb-x", "arb-rc"])
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0])
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--calib", default="wikitext2")
+    ap.add_argument("--eval-windows", type=int, default=300, help="test windows per corpus (0: whole split)")
+    ap.add_argument("--corpora", nargs="*", default=["wikitext2", "ptb"])
+    ap.add_argument("--data-dir", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    models = args.models or [m for m in available() if ZOO[m].style != "micro"]
+    command = "python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out_json = RESULTS / f"{args.name}.json"
+    rows = []
+    for model in models:
+        for seed in args.seeds:
+            rows += compare_methods(model, {m: make_config(m) for m in args.methods}, nsamples=args.nsamples,
+                                    seqlen=args.seqlen, eval_windows=args.eval_windows or None, corpora=args.corpora,
+                                    calib=args.calib, seed=seed, data_dir=args.data_dir, progress=False)
+            summary = summarize(rows)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps({"command": command, "rows": rows, "summary": summary}, indent=1))
+            print(f"[{model} seed {seed}] done", flush=True)
+    (RESULTS / f"{args.name}.md").write_text(markdown(summary, command))
+    plot(summary, RESULTS / f"{args.name}.png")
+    print(markdown(summary, command))
+
+
+if __name__ == "__main__":
+    main()
