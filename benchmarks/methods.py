@@ -95,12 +95,19 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=300, help="test windows per corpus (0: whole split)")
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "ptb"])
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows of <name>.json for other models/methods/seeds (run models one at a time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models or [m for m in available() if ZOO[m].style != "micro"]
     command = "python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out_json = RESULTS / f"{args.name}.json"
-    rows = []
+    rows, commands = [], [command]
+    if args.append and out_json.exists():
+        old = json.loads(out_json.read_text())
+        redo = {(m, meth, sd) for m in models for meth in args.methods for sd in args.seeds}
+        rows = [r for r in old["rows"] if (r["model"], r["method"], r["seed"]) not in redo]
+        commands = old.get("commands", [old["command"]]) + [command]
     for model in models:
         for seed in args.seeds:
             rows += compare_methods(model, {m: make_config(m) for m in args.methods}, nsamples=args.nsamples,
@@ -108,11 +115,13 @@ def main(argv=None):
                                     calib=args.calib, seed=seed, data_dir=args.data_dir, progress=False)
             summary = summarize(rows)
             RESULTS.mkdir(parents=True, exist_ok=True)
-            out_json.write_text(json.dumps({"command": command, "rows": rows, "summary": summary}, indent=1))
+            out_json.write_text(json.dumps({"command": command, "commands": commands, "rows": rows,
+                                            "summary": summary}, indent=1))
             print(f"[{model} seed {seed}] done", flush=True)
-    (RESULTS / f"{args.name}.md").write_text(markdown(summary, command))
+    md = markdown(summary, " ; ".join(commands))
+    (RESULTS / f"{args.name}.md").write_text(md)
     plot(summary, RESULTS / f"{args.name}.png")
-    print(markdown(summary, command))
+    print(md)
 
 
 if __name__ == "__main__":
