@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torchao_mobie.eval import perplexity, unigram_perplexity
 from torchao_mobie.zoo import ZOO, available, load_zoo_model, zoo_path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MC_TASKS = ("wikitext2_mc_local", "ptb_mc_local", "wikitext2_mc_ctx_local", "ptb_mc_ctx_local")
 
 
 def evaluate_zoo_model(name: str, seqlen: int, data_dir=None, mc_limit: int | None = None) -> dict:
@@ -39,8 +41,7 @@ def evaluate_zoo_model(name: str, seqlen: int, data_dir=None, mc_limit: int | No
     if mc_limit != 0:
         from torchao_mobie.integrations.lm_eval import evaluate_lm_eval
 
-        res = evaluate_lm_eval(model, tok, ["wikitext2_mc_local", "ptb_mc_local"], limit=mc_limit,
-                               data_dir=data_dir)
+        res = evaluate_lm_eval(model, tok, list(MC_TASKS), limit=mc_limit, data_dir=data_dir)
         for task, metrics in res.items():
             row[f"{task}_acc"] = round(metrics["acc"], 4)
             row[f"{task}_acc_stderr"] = round(metrics["acc_stderr"], 4)
@@ -61,14 +62,26 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--mc-limit", type=int, default=None, help="docs per multiple-choice task (0: skip)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true", help="keep rows of other models already in zoo.json")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    rows = [evaluate_zoo_model(n, args.seqlen, args.data_dir, args.mc_limit) for n in (args.models or available())]
+    torch.set_num_threads(1)
+    names = args.models or available()
+    cmd = ("python benchmarks/zoo_table.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    rows, commands = [], [cmd]
+    if args.append and (args.out / "zoo.json").exists():
+        old = json.loads((args.out / "zoo.json").read_text())
+        rows = [r for r in old["rows"] if r["model"] not in names]
+        commands = old["commands"] + [cmd]
+    rows += [evaluate_zoo_model(n, args.seqlen, args.data_dir, args.mc_limit) for n in names]
+    rows.sort(key=lambda r: list(ZOO).index(r["model"]))
     args.out.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/zoo_table.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    (args.out / "zoo.json").write_text(json.dumps({"command": cmd.strip(), "rows": rows}, indent=1))
+    (args.out / "zoo.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1))
     md = to_markdown(rows)
-    (args.out / "zoo.md").write_text(f"Command: `{cmd.strip()}`\n\n{md}\n")
+    (args.out / "zoo.md").write_text("Commands: " + " ; ".join(f"`{c}`" for c in commands) + "\n\n"
+                                     "real_lm: WikiText-2 test perplexity below 1/5 of the tokenizer's unigram "
+                                     "perplexity on the same text. Multiple choice: 4 choices (chance 0.25), "
+                                     "accuracy +- standard error.\n\n" + md + "\n")
     print(md)
 
 

@@ -17,12 +17,14 @@ torchao-native::
 """
 
 from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
-from .config import ARBLLMConfig, BiLLMConfig, BinarizationConfig, Scope, SignBinaryConfig
+from .config import ARBLLMConfig, BiLLMConfig, BinarizationConfig, MoBiEConfig, Scope, SignBinaryConfig
+from . import storage  # registers the "mobie" experts implementation and HF quantizer (packed models)
 
 __all__ = [
     "ARBLLMConfig",
     "BiLLMConfig",
     "BinarizationConfig",
+    "MoBiEConfig",
     "QuantizationReport",
     "Scope",
     "SignBinaryConfig",

@@ -187,7 +187,8 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
 
 
 def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | None, config: BinarizationConfig,
-                   name: str, router_stats: RouterInputStats | None = None) -> BinarizationRecord:
+                   name: str, router_stats: RouterInputStats | None = None, guided_hessian: torch.Tensor | None = None,
+                   downstream_routers: list | None = None) -> BinarizationRecord:
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
     if hess is None:
@@ -196,7 +197,8 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
     else:
         h3d = hess.hessian
         ctx = QuantContext(name=name, projection=projection, token_counts=hess.counts,
-                           fallback_experts=hess.fallback_experts, router_stats=router_stats)
+                           fallback_experts=hess.fallback_experts, router_stats=router_stats,
+                           guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []))
     res = config.quantize_experts(w, h3d, context=ctx)
     if not isinstance(res, BinarizedExperts):
         res = BinarizedExperts(*res)
@@ -205,6 +207,13 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
                          f"expected {list(w.shape)}")
     _finite_or_raise(res.weight, name)
     info.set_weight(projection, res.weight)
+    if res.parts and isinstance(res.parts[0], dict) and res.parts[0].get("sign") is not None:
+        # explicit binary representation (MoBiE) kept for packed storage (torchao_mobie.storage)
+        store = getattr(info.module, "_mobie_parts", None)
+        if store is None:
+            store = {}
+            setattr(info.module, "_mobie_parts", store)
+        store[projection] = res.parts
     rec = BinarizationRecord(config=type(config).__name__, bits=res.bits, data_free=hess is None,
                              fallback_experts=[] if hess is None else hess.fallback_experts)
     _records(info.module)[projection] = rec
@@ -496,18 +505,42 @@ def _stages(layer: DecoderLayerInfo, scope: set, true_sequential: bool) -> list[
     return [s for s in stages if s.projections or s.linears]
 
 
+def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
+    """``(W_router·diag(γ) [E, H], None)`` of the MoE layers after ``index`` (γ: the RMSNorm the router
+    input goes through), nearest first; for expert-shift-aware methods (NGES)."""
+    out = []
+    for layer in layout.layers[index + 1:]:
+        if layer.moe is None or getattr(layer.moe.router, "weight", None) is None:
+            continue
+        wr = layer.moe.router.weight.detach().float()
+        norm = getattr(layer.module, "post_attention_layernorm", None)
+        gamma = getattr(norm, "weight", None)
+        if isinstance(gamma, torch.Tensor) and gamma.shape == (wr.shape[1],):
+            wr = wr * gamma.detach().float()[None, :]
+        out.append((wr.cpu(), None))
+    return out
+
+
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
-               report: QuantizationReport, events: list[FallbackEvent]) -> None:
+               report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None) -> None:
     experts = None
+    guided = {}
     if stage.projections:
         experts = ExpertStatsCollector(layer.moe.experts, stage.projections,
                                        min_expert_tokens=config.min_expert_tokens).attach()
+        if glas is not None:
+            from .calibration.gradients import GLASCollector
+
+            guided = {p: GLASCollector(layer.moe.experts, (p,), min_expert_tokens=config.min_expert_tokens).attach()
+                      for p in stage.projections}
     linears = [LinearStatsCollector(li.module, li.fqn).attach() for li in stage.linears]
-    collectors = ([experts] if experts else []) + linears
+    collectors = ([experts] if experts else []) + linears + list(guided.values())
     try:
-        for h, (args, kwargs), b in zip(hidden, calls, batches):
+        for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
             for c in collectors:
                 c.token_mask = b.token_mask
+            for p, c in guided.items():
+                c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi)
             layer.module(h, *args, **kwargs)
     finally:
         for c in collectors:
@@ -524,7 +557,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
         for p in stage.projections:
             hess = experts.finalize(p)
             name = f"{info.fqn}.{p}"
-            report.parameters[name] = _apply_experts(info, p, hess, config, name, router_stats=stats).bits
+            gh = guided[p].guided_hessian(p) if p in guided else None
+            report.parameters[name] = _apply_experts(info, p, hess, config, name, router_stats=stats, guided_hessian=gh,
+                                                     downstream_routers=downstream if p == "down_proj" else None).bits
             events.append(hess.event)
             if hess.event.experts:
                 report.fallback_events.append(hess.event)
@@ -579,13 +614,19 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     was_training = model.training
     model.eval()
     try:
+        glas = None
+        if getattr(config, "needs_gradients", False) and experts:
+            from .calibration.gradients import compute_glas_weights
+
+            glas = compute_glas_weights(model, experts, batches)
         hidden, calls = _capture_layer_inputs(model, layout, batches)
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
             events: list[FallbackEvent] = []
             for stage in _stages(layer, scope, true_sequential):
-                _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events)
+                _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
+                           downstream=_downstream_routers(layout, layer.index))
             log_fallback_summary(layer.fqn, events)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]

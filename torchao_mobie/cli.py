@@ -23,6 +23,8 @@ def make_config(method: str, **kw):
     }
     if hasattr(C, "MoBiEConfig"):
         table["mobie"] = lambda: C.MoBiEConfig(**kw)
+        for part in ("cejd", "glas", "nges"):  # ablations: MoBiE with one component off
+            table[f"mobie-no-{part}"] = lambda part=part: C.MoBiEConfig(**{part: False}, **kw)
     if method not in table:
         raise SystemExit(f"error: --method {method!r} is not known; expected one of {sorted(table)}")
     return table[method]()

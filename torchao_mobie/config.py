@@ -41,6 +41,7 @@ __all__ = [
     "SignBinaryConfig",
     "BiLLMConfig",
     "ARBLLMConfig",
+    "MoBiEConfig",
 ]
 
 
@@ -80,6 +81,10 @@ class QuantContext:
     token_counts: ``[E]`` routed tokens per expert (experts only, None when data-free).
     fallback_experts: experts whose Hessian is the layer-level one.
     router_stats: router-input moments of the layer, when known (for expert-shift-aware methods).
+    guided_hessian: ``[E, in, in]`` gradient-weighted Hessians ``Σ w·x xᵀ`` (sums over routed pairs,
+        GLAS), when the config asked for gradients (``needs_gradients``).
+    downstream_routers: ``[(W_router·diag(γ) [E', H], mean router input [H] or None), ...]`` of the
+        routers of the following MoE layers, nearest first (for NGES on down_proj).
     """
 
     name: str = ""
@@ -88,6 +93,8 @@ class QuantContext:
     token_counts: torch.Tensor | None = None
     fallback_experts: list[int] = field(default_factory=list)
     router_stats: RouterInputStats | None = None
+    guided_hessian: torch.Tensor | None = None
+    downstream_routers: list = field(default_factory=list)
 
 
 def _binarization_handler(module: torch.nn.Module, config: "BinarizationConfig", *, parameter_name: str | None = None):
@@ -263,5 +270,238 @@ class ARBLLMConfig(BinarizationConfig):
                                           blocksize=self.blocksize, percdamp=self.percdamp)
 
 
+def _mobie_bits_estimate(E, m, n, side, dtype) -> float:
+    """All-inclusive bits per weight of a CEJD projection without second planes: signs, fp16 row and
+    column scales, and the backbone (input side n×n, output side m×m) shared by E experts."""
+    if side == "none":
+        return 1 + 16 * (m + n) / (m * n)
+    k = m if side == "output" else n
+    per = {"bfloat16": 16, "float32": 32, "int8": 8}[dtype]
+    return 1 + 16 * (m + n) / (m * n) + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
+
+
 # torchao's config (de)serialization only resolves classes from allow-listed modules.
 ALLOWED_AO_MODULES.add(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# MoBiE
+# --------------------------------------------------------------------------------------------------
+
+_BACKBONE_DTYPES = ("auto", "bfloat16", "int8", "float32")
+
+
+@dataclass
+class MoBiEConfig(BinarizationConfig):
+    """MoBiE (Zhao, Xu et al., arXiv 2604.06798), reconstructed: Mixture of Binary Experts.
+
+    Three switchable components (all on by default):
+
+    * ``cejd`` — cross-expert joint decomposition (:mod:`torchao_mobie.algorithms.cejd`): per projection
+      of a layer, a shared high-precision backbone on the cheaper side (input side ``W_e ≈ Q_e·S`` when
+      in ≤ out, output side ``W_e ≈ M·Q_e`` otherwise) and a per-expert binary factor
+      ``Q_e = diag(row_scale)·sign·diag(col_scale)``, binarized with GPTQ compensation in the factor's
+      transformed metric, the backbone and the scales refit by least squares on the layer output error.
+      Off: the same binary factor is fit on each ``W_e`` directly (no backbone).
+    * ``glas`` — global loss-aligned saliency (:mod:`torchao_mobie.calibration.gradients`): one backward
+      pass of the full-precision LM loss gives per routed (token, expert) weights
+      ``w = mean_j (∂ℓ/∂Z_j)²`` at each expert projection output ``Z``; the Hessians become
+      ``(1−λ)·H/tr H + λ·H_w/tr H_w`` (per layer, λ = ``glas_lambda``), used everywhere.
+    * ``nges`` — null-space guided expert-shift suppression (:mod:`torchao_mobie.algorithms.nges`):
+      ``down_proj`` errors are measured with the output metric ``G = I + μ·P`` (P: routing-sensitive
+      directions of the later layers' routers, μ = ``nges_mu``) when fitting scales and backbone, which
+      pushes the error into the routers' null space at no storage cost.
+
+    Args (besides :class:`BinarizationConfig`'s):
+        backbone_dtype: stored width of the shared backbone: "int8" (one fp16 scale per row),
+            "bfloat16", "float32", or "auto" (default): bfloat16 when the projection then stays within the
+            bit budget, else int8. Budget: ``max_bits`` when set, else 1.5 all-inclusive bits per expert
+            weight for fine-grained layers (>= 16 experts) and 3.0 for coarse ones (below BiLLM's ~3.2-4.3).
+        gate_up_blocks: diagonal blocks of an output-side gate_up backbone (2 = separate gate and up
+            backbones, half the cost); 1 = one backbone.
+        rounds: binarize ↔ backbone-refit alternations (CEJD).
+        refine: rounds of greedy sign coordinate descent + scale refit after the GPTQ sign pass.
+        salient_cols: per expert, input-side factor columns with a second binary plane (largest
+            output-error energy); None = as many as the bit budget leaves (at most ``in_features // 4``;
+            0 on output-side factors).
+        scale_rounds: closed-form row/column scale alternations per refit.
+        glas_lambda: mixing weight of the gradient-weighted Hessian, in [0, 1].
+        nges_mu: strength of the router-subspace penalty (0 disables the metric even with nges=True).
+        nges_decay: weight of the router of layer l+1+d is ``nges_decay**d``.
+        percdamp: damping of the factor Hessian in the GPTQ sign pass (default 0.1: measured better on
+            held-out calibration statistics than 0.01).
+        hdamp: ridge ``hdamp·mean(diag H)·I`` added to every expert Hessian for all CEJD fits (limits
+            over-fitting the calibration tokens). Default 0. None = 1.0 for input-side backbones of coarse
+            layers (< 16 experts), 0 elsewhere: it lowered the held-out MoE-block error of mixtral-8e
+            layer 2 (0.095 → 0.076) but made the end-to-end gap of its layer 0 worse (0.052 → 0.057), and
+            every ridge made qwen3moe-32e worse, so it is off by default.
+        side: backbone side, "auto", "input" or "output" (for every projection). "auto": input side when
+            its int8 backbone fits the bit budget (measured on mixtral-8e layer 0 alone: gap 0.067 with the
+            output-side down_proj backbone, 0.039 with the input side), else the cheaper side.
+        max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (backbone
+            dtype, number of salient columns); None = 1.5 on fine-grained layers (>= 16 experts), 3.0 on
+            coarse ones. The cap is per model: down_proj gets what gate_up (2/3 of the weights) leaves.
+
+    Defaults (rounds=2, refine=1, scale_rounds=3, percdamp=0.1, glas_lambda=0.5, nges_mu=1) were chosen
+    on qwen3moe-32e / mixtral-8e layer and end-to-end measurements (glas_lambda=1.0 was catastrophic:
+    gap 0.18 vs 0.04; more rounds/refine lower the calibration error a little and cost time).
+
+    Representation (``BinarizedExperts.parts[e]``, see :func:`torchao_mobie.algorithms.cejd.reconstruct`)::
+
+        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + sign2 * col_scale2[None, :])
+        W_hat[e] = backbone_matrix(backbone) @ Q_e    (side "output")
+        W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
+        W_hat[e] = Q_e                                (side "none": cejd=False)
+
+    signs int8 ±1, fp16 scales, ``sign2``/``col_scale2`` None or zero outside the salient columns; the
+    backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
+    for int8, ``side``) is one object shared by every expert of the projection and counted once in
+    ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
+    """
+
+    cejd: bool = True
+    glas: bool = True
+    nges: bool = True
+    backbone_dtype: str = "auto"
+    gate_up_blocks: int = 1
+    rounds: int = 2
+    scale_rounds: int = 3
+    glas_lambda: float = 0.5
+    nges_mu: float = 1.0
+    nges_decay: float = 0.5
+    refine: int = 1
+    salient_cols: int | None = None
+    max_bits: float | None = None
+    percdamp: float = 0.1
+    hdamp: float | None = 0.0
+    side: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = "MoBiEConfig"
+        for f in ("cejd", "glas", "nges"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
+        if self.side not in ("auto", "input", "output"):
+            raise ValueError(f"{n}.side must be 'auto', 'input' or 'output', got {self.side!r}")
+        if self.backbone_dtype not in _BACKBONE_DTYPES:
+            raise ValueError(f"{n}.backbone_dtype must be one of {_BACKBONE_DTYPES}, got {self.backbone_dtype!r}")
+        _check_int(n, "gate_up_blocks", self.gate_up_blocks, 1)
+        _check_int(n, "rounds", self.rounds, 1)
+        _check_int(n, "scale_rounds", self.scale_rounds, 1)
+        _check_int(n, "refine", self.refine, 0)
+        if self.hdamp is not None and (isinstance(self.hdamp, bool) or not isinstance(self.hdamp, (int, float))
+                                       or self.hdamp < 0):
+            raise ValueError(f"{n}.hdamp must be None or a float >= 0, got {self.hdamp!r}")
+        if self.salient_cols is not None:
+            _check_int(n, "salient_cols", self.salient_cols, 0)
+        for f, lo, hi in (("glas_lambda", 0.0, 1.0), ("nges_decay", 0.0, 1.0)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                raise ValueError(f"{n}.{f} must be a float in [{lo}, {hi}], got {v!r}")
+        if isinstance(self.nges_mu, bool) or not isinstance(self.nges_mu, (int, float)) or self.nges_mu < 0:
+            raise ValueError(f"{n}.nges_mu must be a float >= 0, got {self.nges_mu!r}")
+        if self.max_bits is not None and (isinstance(self.max_bits, bool) or not isinstance(self.max_bits, (int, float))
+                                          or self.max_bits <= 1.0):
+            raise ValueError(f"{n}.max_bits must be None or a float > 1, got {self.max_bits!r}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """True when the pipeline must run the GLAS backward pass before the sequential pass."""
+        return self.glas and self.glas_lambda > 0
+
+    def _hessians(self, H3d, context):
+        """Per-expert Hessians in "sum" form (expert usage kept), GLAS-mixed when available."""
+        H = H3d.float()
+        E = H.shape[0]
+        counts = None if context is None else context.token_counts
+        if counts is None or (context is not None and context.data_free):
+            w = torch.ones(E)
+        else:
+            w = counts.float().cpu()
+            w = w.clamp_min(max(1e-2 * float(w.mean()), 1.0))
+        Hs = H * w.to(H.device)[:, None, None]
+        Hs = Hs / Hs.diagonal(dim1=-2, dim2=-1).sum().clamp_min(1e-30)
+        Hg = None if context is None else getattr(context, "guided_hessian", None)
+        if self.glas and Hg is not None and self.glas_lambda > 0:
+            Hg = Hg.float().to(H.device)
+            Hg = Hg / Hg.diagonal(dim1=-2, dim2=-1).sum().clamp_min(1e-30)
+            Hs = (1 - self.glas_lambda) * Hs + self.glas_lambda * Hg
+        # floor so every expert's problem stays well posed (experts without routed tokens)
+        tr = Hs.diagonal(dim1=-2, dim2=-1).mean(-1)
+        floor = 1e-3 * tr.mean()
+        low = tr < floor
+        if bool(low.any()):
+            Hs[low] = Hs[low] + floor * H[low] / H[low].diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+        return Hs
+
+    def quantize_experts(self, W3d, H3d, *, context: QuantContext | None = None) -> BinarizedExperts:
+        from .algorithms import cejd as C
+
+        W = W3d.float()
+        H = self._hessians(H3d, context)
+        E, m, n = W.shape
+        projection = "weight" if context is None else context.projection
+        G = None
+        if self.nges and self.nges_mu > 0 and projection == "down_proj" and context is not None:
+            routers = getattr(context, "downstream_routers", None)
+            if routers:
+                from .algorithms.nges import router_metric
+
+                G = router_metric(routers, mu=self.nges_mu, decay=self.nges_decay).to(W.device)
+        cap = self.max_bits if self.max_bits is not None else (1.5 if E >= 16 else 3.0)
+        side = self._side_for(E, m, n, cap) if self.cejd else "none"
+        dtype = self._dtype_for(E, m, n, side, cap)
+        if projection == "down_proj" and self.cejd:
+            # the budget is per model: gate_up holds 2/3 of the expert weights; what it leaves goes to down
+            gm, gn = 2 * n, m
+            gside = self._side_for(E, gm, gn, cap)
+            g_est = _mobie_bits_estimate(E, gm, gn, gside, self._dtype_for(E, gm, gn, gside, cap))
+            cap = max(cap, 3 * cap - 2 * g_est - 0.03)
+        blocks = self.gate_up_blocks if (side == "output" and projection == "gate_up_proj") else 1
+        if self.salient_cols is not None:
+            sal = self.salient_cols if side != "output" else 0
+        elif side == "output":
+            sal = 0
+        else:  # spend what the budget leaves on second planes (≈ 1/n bit per weight per column), at most n/4
+            est = _mobie_bits_estimate(E, m, n, side, dtype)
+            sal = max(0, min(n // 4, int((cap - est - 0.02) * n)))
+        kw = dict(side=side, blocks=blocks, G=G, rounds=self.rounds, scale_rounds=self.scale_rounds,
+                  percdamp=self.percdamp, salient_cols=sal, refine=self.refine,
+                  hdamp=self.hdamp if self.hdamp is not None else (1.0 if (E < 16 and side == "input") else 0.0))
+        res = C.cejd_quantize(W, H, backbone_dtype=dtype, **kw)
+        if ((self.backbone_dtype == "auto" or self.max_bits is not None) and res.bits.all_inclusive_bits > cap
+                and dtype != "int8" and side != "none"):
+            res = C.cejd_quantize(W, H, backbone_dtype="int8", **kw)
+        p = res.parts
+        parts = [{"side": p["side"], "backbone": p["backbone"], "sign": p["sign"][e], "row_scale": p["row_scale"][e],
+                  "col_scale": p["col_scale"][e],
+                  "sign2": None if p["sign2"] is None else p["sign2"][e],
+                  "col_scale2": None if p["col_scale2"] is None else p["col_scale2"][e]}
+                 for e in range(E)]
+        return BinarizedExperts(res.weight, res.bits, parts)
+
+    def _side_for(self, E, m, n, cap):
+        """"auto": the input side (binary factor with GPTQ along the data's input directions and room for
+        salient second planes) whenever its int8 backbone fits the budget, else the cheaper side."""
+        if self.side != "auto":
+            return self.side
+        if _mobie_bits_estimate(E, m, n, "input", "int8") + 0.1 <= cap:
+            return "input"
+        return "input" if n <= m else "output"
+
+    def _dtype_for(self, E, m, n, side, cap):
+        if self.backbone_dtype != "auto":
+            return self.backbone_dtype
+        if side == "none" or _mobie_bits_estimate(E, m, n, side, "bfloat16") + 0.1 <= cap:
+            return "bfloat16"
+        return "int8"
+
+    def binarize_matrix(self, W, H):
+        from .algorithms import cejd as C
+
+        n = W.shape[1]
+        res = C.cejd_quantize(W.float()[None], H.float()[None], side="none", rounds=1, scale_rounds=self.scale_rounds,
+                              percdamp=self.percdamp, refine=self.refine,
+                              salient_cols=self.salient_cols if self.salient_cols is not None else n // 16)
+        return BinarizedWeight(res.weight[0], res.bits, {k: v for k, v in res.parts.items()})

@@ -1,0 +1,515 @@
+"""CEJD: cross-expert joint decomposition (MoBiE §4.1, reconstructed; see design/paper_and_baselines.md §2).
+
+For one projection of one MoE layer with experts ``W_e [m, n]`` and input Hessians ``H_e [n, n]``:
+
+* a **shared backbone** is put on the cheaper side:
+    - input side (``n <= m``):  ``W_e ≈ Q_e · S``,  ``S [n, n]`` (init: ``Σ Vᵀ`` of the SVD of the
+      vertically stacked experts ``[E·m, n]``);
+    - output side (``m < n``):  ``W_e ≈ M · Q_e``,  ``M [m, m]`` (init: ``U Σ`` of the SVD of the
+      horizontally stacked experts ``[m, E·n]``); ``M`` may be block diagonal (``blocks`` diagonal
+      blocks, e.g. 2 = separate gate and up backbones for ``gate_up_proj``);
+* the **per-expert factor** is binary with row and column scales, no mean:
+  ``Q_e = diag(row_scale_e) · sign_e · diag(col_scale_e)`` (optionally plus a second residual plane
+  ``diag(row_scale_e) · sign2_e · diag(col_scale2_e)`` on the few factor columns with the most
+  output-error energy, BiLLM-style salient columns, input side only);
+* everything minimizes the *original* layer's output error
+  ``f = Σ_e tr(G (W_e − Ŵ_e) H_e (W_e − Ŵ_e)ᵀ)`` (``G = I``, or NGES's output metric): the factor
+  sees the transformed metrics (input side: right metric ``S H_e Sᵀ``; output side: left metric
+  ``Mᵀ G M``), signs are chosen with GPTQ/OBC error compensation column by column inside the factor,
+  then improved by greedy sign coordinate descent on ``f`` (:func:`refine_signs`), row/column scales are
+  refit in closed form on ``f``, the backbone by least squares on ``f`` (output side closed form, input
+  side conjugate gradient), alternating; finally the backbone is rounded to its stored dtype and the
+  scales refit against the stored backbone.
+
+Reconstruction (exact, documented; see :func:`reconstruct`)::
+
+    Q_e      = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :]
+                                        + sign2[e] * col_scale2[e][None, :])   (fp16 scales, ±1 signs;
+                                                                                 sign2 term optional)
+    W_hat[e] = backbone @ Q_e   (side "output")      W_hat[e] = Q_e @ backbone   (side "input")
+
+with ``backbone`` the block-diagonal matrix of the stored blocks, dequantized from its stored dtype
+(bfloat16, or int8 with one fp16 scale per row: ``backbone = int8 * scale[:, None]``).
+All computations are fp32/fp64 batched over experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .result import BitBudget
+
+__all__ = ["CEJDResult", "cejd_quantize", "reconstruct", "backbone_matrix", "layer_objective", "factor_metrics",
+           "init_backbone", "refit_backbone", "gptq_signs", "refine_signs", "refit_scales", "quantize_backbone",
+           "select_salient", "choose_side"]
+
+FP16 = 16
+
+
+def _sign(x):
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+def _blockdiag(blocks: torch.Tensor) -> torch.Tensor:
+    return torch.block_diag(*blocks.unbind(0))
+
+
+def _sym(x):
+    return 0.5 * (x + x.transpose(-1, -2))
+
+
+def layer_objective(W, What, H, G=None) -> torch.Tensor:
+    """``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)`` (G = identity when None), in float64."""
+    D = (W - What).double()
+    DH = D @ H.double()
+    if G is not None:
+        D = G.double() @ D
+    return (D * DH).sum()
+
+
+def quantize_backbone(M: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Round a backbone to its stored dtype. Returns (stored values, per-row fp16 scale or None, dequantized fp32)."""
+    if dtype == "float32":
+        return M.clone(), None, M.clone()
+    if dtype == "bfloat16":
+        s = M.to(torch.bfloat16)
+        return s, None, s.float()
+    if dtype == "int8":
+        scale = (M.abs().amax(-1, keepdim=True) / 127).clamp_min(1e-12).half().float()
+        q = torch.clamp(torch.round(M / scale), -127, 127).to(torch.int8)
+        return q, scale.squeeze(-1).half(), q.float() * scale
+    raise ValueError(f"unknown backbone dtype {dtype!r}")
+
+
+def backbone_bits(shape, dtype: str) -> int:
+    """Stored bits of backbone blocks ``[nb, k, k]`` (int8 adds one fp16 scale per row)."""
+    nb, k, k2 = shape
+    per = {"float32": 32, "bfloat16": 16, "int8": 8}[dtype]
+    return nb * k * k2 * per + (nb * k * FP16 if dtype == "int8" else 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# factor problem:  minimize  tr(Gf Q Hf Qᵀ) − 2 tr(Qᵀ T)   over Q = diag(a) B diag(b)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FactorMetrics:
+    Gf: torch.Tensor | None  # [E, m, m] left metric of the factor (None = identity)
+    Hf: torch.Tensor  # [E, n, n] right metric of the factor
+    T: torch.Tensor  # [E, m, n] cross term  Gf A Hf
+    A: torch.Tensor  # [E, m, n] unconstrained optimal factor (GPTQ target)
+
+
+def factor_metrics(W, H, backbone, side: str, G=None, ridge: float = 1e-6) -> FactorMetrics:
+    """Metrics of the per-expert factor for a fixed (dequantized, full) backbone ``[k, k]``."""
+    if side == "input":
+        S = backbone
+        Hf = _sym(S @ H @ S.t())
+        GW = W if G is None else G @ W
+        T = GW @ H @ S.t()
+        Gf = G.expand(W.shape[0], -1, -1) if G is not None else None
+        # A = W H Sᵀ (S H Sᵀ)⁻¹ (least-squares factor in the H metric)
+        damp = ridge * Hf.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+        eye = torch.eye(Hf.shape[-1], dtype=Hf.dtype)
+        A = torch.linalg.solve(Hf + damp * eye, (W @ H @ S.t()).transpose(-1, -2)).transpose(-1, -2)
+    else:
+        M = backbone
+        GM = M if G is None else G @ M
+        Gf0 = _sym(M.t() @ GM)
+        Gf = Gf0.expand(W.shape[0], -1, -1)
+        Hf = H
+        T = GM.t() @ W @ H
+        damp = ridge * Gf0.diagonal().mean().clamp_min(1e-30)
+        A = torch.linalg.solve(Gf0 + damp * torch.eye(Gf0.shape[0], dtype=Gf0.dtype), GM.t() @ W)
+    return FactorMetrics(Gf, Hf, T, A)
+
+
+def _upper_inv_chol(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Batched upper Cholesky factor of (H + damp I)⁻¹ (GPTQ), damping escalated on failure."""
+    n = H.shape[-1]
+    eye = torch.eye(n, dtype=H.dtype)
+    md = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    for k in range(6):
+        damp = (percdamp if k == 0 else max(percdamp, 1e-3) * 10 ** k) * md
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if int(info.abs().sum()) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info.abs().sum()) == 0 and torch.isfinite(U).all():
+                return U
+    raise ValueError("factor Hessian is not positive definite even with damping")
+
+
+def gptq_signs(A, Hf, row_scale, row_weight=None, percdamp: float = 0.01, salient=None, block: int = 32):
+    """Signs of ``A ≈ diag(a) (B diag(b) + B2 diag(b2))`` chosen column by column with OBC/GPTQ error
+    compensation (columns in their natural order; lazy batched updates every ``block`` columns).
+
+    ``row_scale a [E, m]`` is fixed; the column scale ``b_j`` is the weighted least-squares optimum of
+    column j given its signs (``row_weight`` = diagonal of the factor's left metric). Columns in
+    ``salient [E, n]`` (bool) get a second residual plane ``B2`` with its own column scale ``b2``
+    (zero elsewhere). Returns (B, b, B2, b2).
+    """
+    E, m, n = A.shape
+    U = _upper_inv_chol(Hf, percdamp)
+    Wc = A.clone()
+    B = torch.empty_like(A)
+    B2 = torch.zeros_like(A)
+    beta = torch.empty(E, n, dtype=A.dtype)
+    beta2 = torch.zeros(E, n, dtype=A.dtype)
+    a = row_scale
+    wa = a if row_weight is None else a * row_weight
+    den = (wa * a).sum(-1).clamp_min(1e-30)
+    salf = None if salient is None else salient.to(A.dtype)
+    for s0 in range(0, n, block):
+        s1 = min(n, s0 + block)
+        W1 = Wc[:, :, s0:s1].clone()
+        Err = torch.zeros_like(W1)
+        for jj in range(s1 - s0):
+            j = s0 + jj
+            w = W1[:, :, jj]
+            s = _sign(w)
+            b = (wa * w.abs()).sum(-1) / den
+            q = a * s * b[:, None]
+            B[:, :, j] = s
+            beta[:, j] = b
+            if salf is not None:
+                r = w - q
+                s2 = _sign(r)
+                b2 = (wa * r.abs()).sum(-1) / den * salf[:, j]
+                q = q + a * s2 * b2[:, None]
+                B2[:, :, j] = s2 * salf[:, j, None]
+                beta2[:, j] = b2
+            err = (w - q) / U[:, j, j][:, None]
+            Err[:, :, jj] = err
+            if jj + 1 < s1 - s0:
+                W1[:, :, jj + 1:] -= err[:, :, None] * U[:, j, None, j + 1:s1]
+        if s1 < n:
+            Wc[:, :, s1:] -= Err @ U[:, s0:s1, s1:]
+    return B, beta, B2, beta2
+
+
+def _factor(a, B, b, B2=None, b2=None):
+    C = B * b[:, None, :]
+    if B2 is not None:
+        C = C + B2 * b2[:, None, :]
+    return a[:, :, None] * C
+
+
+def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-9, B2=None, b2=None, salient=None):
+    """Closed-form alternating refit of row scales ``a`` then column scales ``b`` (and ``b2`` of the
+    second plane on ``salient`` columns) on the factor objective ``tr(Gf Q Hf Qᵀ) − 2 tr(Qᵀ T)``."""
+    E, m, n = B.shape
+    Hf, Gf, T = fm.Hf, fm.Gf, fm.T
+    two = B2 is not None and salient is not None and bool(salient.any())
+    for _ in range(rounds):
+        C = B * b[:, None, :] + (B2 * b2[:, None, :] if two else 0)
+        CH = C @ Hf
+        if Gf is None:
+            num = (C * T).sum(-1)
+            den = (CH * C).sum(-1)
+            a = torch.where(den > 0, num / den.clamp_min(1e-30), a)
+        else:
+            K = Gf * (CH @ C.transpose(-1, -2))
+            r = (C * T).sum(-1)
+            K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(m, dtype=K.dtype)
+            a = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
+        P = B * a[:, :, None]
+        if two:
+            P = torch.cat([P, B2 * a[:, :, None]], -1)
+            Hx = Hf.repeat(1, 2, 2)
+            Tx = torch.cat([T, T], -1)
+        else:
+            Hx, Tx = Hf, T
+        PGP = P.transpose(-1, -2) @ P if Gf is None else P.transpose(-1, -2) @ Gf @ P
+        K = PGP * Hx
+        r = (P * Tx).sum(-2)
+        nk = K.shape[-1]
+        K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(nk, dtype=K.dtype)
+        if two:  # columns without a second plane: pin b2 = 0
+            off = torch.cat([torch.zeros_like(salient), ~salient], -1)
+            K = torch.where(off[:, :, None] | off[:, None, :], torch.zeros_like(K), K)
+            K = K + torch.diag_embed(off.to(K.dtype))
+            r = torch.where(off, torch.zeros_like(r), r)
+        x = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
+        b = x[:, :n]
+        if two:
+            b2 = x[:, n:]
+    # canonical form: non-negative scales (signs folded into the sign matrices)
+    B = torch.where((b < 0)[:, None, :], -B, B)
+    b = b.abs()
+    if two:
+        B2 = torch.where((b2 < 0)[:, None, :], -B2, B2)
+        b2 = b2.abs()
+    nega = (a < 0)[:, :, None]
+    B = torch.where(nega, -B, B)
+    if B2 is not None:
+        B2 = torch.where(nega, -B2, B2)
+    a = a.abs()
+    return B, a, b, B2, b2
+
+
+def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None, block: int = 32):
+    """Greedy coordinate descent on the first-plane signs (scales fixed): flip ``B_ij`` when it lowers
+    ``tr(Gf Q Hf Qᵀ) − 2 tr(Qᵀ T)``; one column at a time, all rows of the column at once (exact when
+    the left metric is the identity; with a left metric the flips of one column are screened row by row).
+    The gradient is updated lazily in blocks of ``block`` columns (one matmul per block)."""
+    Hf, Gf, T = fm.Hf, fm.Gf, fm.T
+    E, m, n = B.shape
+    Q = _factor(a, B, b, B2, b2)
+    g = (Q @ Hf if Gf is None else Gf @ Q @ Hf) - T
+    hd = Hf.diagonal(dim1=-2, dim2=-1)
+    gd = None if Gf is None else Gf.diagonal(dim1=-2, dim2=-1)
+    for _ in range(sweeps):
+        nflip = 0
+        for s0 in range(0, n, block):
+            s1 = min(n, s0 + block)
+            D = torch.zeros(E, m, s1 - s0, dtype=B.dtype)
+            gb = g[:, :, s0:s1].clone()
+            for j in range(s0, s1):
+                jj = j - s0
+                q1 = a * b[:, j, None] * B[:, :, j]
+                delta = 2 * q1
+                d2 = delta * delta * (hd[:, j, None] if gd is None else gd * hd[:, j, None])
+                flip = (-2 * delta * gb[:, :, jj] + d2) < 0
+                dv = torch.where(flip, delta, torch.zeros_like(delta))
+                B[:, :, j] = torch.where(flip, -B[:, :, j], B[:, :, j])
+                D[:, :, jj] = dv
+                if jj + 1 < s1 - s0:
+                    gdv = dv if Gf is None else (Gf @ dv.unsqueeze(-1)).squeeze(-1)
+                    gb[:, :, jj + 1:] -= gdv[:, :, None] * Hf[:, j, None, s0 + jj + 1:s1]
+            if not bool((D != 0).any()):
+                continue
+            nflip += int((D != 0).sum())
+            GD = D if Gf is None else Gf @ D
+            g -= GD @ Hf[:, s0:s1, :]
+        if nflip == 0:
+            break
+    return B
+
+
+def _init_scales(A):
+    a = A.abs().mean(-1).clamp_min(1e-12)
+    b = (A.abs() / a[:, :, None]).mean(-2)
+    return a, b
+
+
+def select_salient(fm: "FactorMetrics", k: int):
+    """Per expert, the ``k`` factor columns carrying the most output-error energy ``‖A_j‖² · Hf_jj``."""
+    E, m, n = fm.A.shape
+    if k <= 0:
+        return None
+    en = fm.A.pow(2).sum(1) * fm.Hf.diagonal(dim1=-2, dim2=-1)
+    idx = en.topk(min(k, n), -1).indices
+    sal = torch.zeros(E, n, dtype=torch.bool)
+    sal.scatter_(1, idx, True)
+    return sal
+
+
+# ---------------------------------------------------------------------------------------------------
+# backbone
+# ---------------------------------------------------------------------------------------------------
+
+
+def _split(blocks: int, k: int):
+    sz = k // blocks
+    return [(i * sz, (i + 1) * sz) for i in range(blocks)]
+
+
+def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 60, ridge: float = 1e-8):
+    """Least-squares backbone for fixed factors ``Q [E, m, n]`` on ``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)``.
+
+    Output side: closed form per diagonal block ``M = (Σ W H Qᵀ)(Σ Q H Qᵀ)⁻¹`` (G cancels: M is
+    unconstrained inside its block). Input side: ``Σ_e Q_eᵀ G Q_e S H_e = Σ_e Q_eᵀ G W_e H_e`` solved
+    by conjugate gradient warm-started at the current S (never increases the objective).
+    """
+    W64, H64, Q64 = W.double(), H.double(), Q.double()
+    if side == "output":
+        out = []
+        for blk, (s0, s1) in zip(backbone_blocks, _split(backbone_blocks.shape[0], W.shape[1])):
+            Qb, Wb = Q64[:, s0:s1], W64[:, s0:s1]
+            num = (Wb @ H64 @ Qb.transpose(-1, -2)).sum(0)
+            den = (Qb @ H64 @ Qb.transpose(-1, -2)).sum(0)
+            den = den + ridge * den.diagonal().mean() * torch.eye(den.shape[0], dtype=den.dtype)
+            out.append(torch.linalg.solve(den, num.t()).t())
+        return torch.stack(out).to(W.dtype)
+    # input side (single block)
+    S = backbone_blocks[0].double()
+    GQ = Q64 if G is None else G.double() @ Q64
+    K = Q64.transpose(-1, -2) @ GQ  # [E, n, n]
+    rhs = (GQ.transpose(-1, -2) @ W64 @ H64).sum(0)
+    trK = K.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trH = H64.diagonal(dim1=-2, dim2=-1).sum(-1)
+    lam = ridge * float((trK * trH).sum()) / S.numel()
+
+    def op(X):
+        return (K @ X @ H64).sum(0) + lam * X
+
+    # Jacobi preconditioner: diag of the Kronecker operator = outer(diag K_e, diag H_e) summed
+    Pd = (K.diagonal(dim1=-2, dim2=-1)[:, :, None] * H64.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(0) + lam
+    X = S.clone()
+    R = rhs - op(X)
+    Z = R / Pd
+    P = Z.clone()
+    rz = (R * Z).sum()
+    r0 = float((R * R).sum().sqrt())
+    for _ in range(cg_iters):
+        AP = op(P)
+        pap = (P * AP).sum()
+        if pap <= 0:
+            break
+        alpha = rz / pap
+        X = X + alpha * P
+        R = R - alpha * AP
+        if float((R * R).sum().sqrt()) <= 1e-10 * max(r0, 1e-30):
+            break
+        Z = R / Pd
+        rz_new = (R * Z).sum()
+        P = Z + (rz_new / rz) * P
+        rz = rz_new
+    return X.unsqueeze(0).to(W.dtype)
+
+
+def init_backbone(W, H, side: str, blocks: int = 1):
+    """Joint SVD init: input side ``S = Σ Vᵀ`` of the vertically stacked experts ``[E·m, n]``; output side
+    ``M = U Σ`` (per diagonal block) of the horizontally stacked experts ``[m, E·n]``. ``H`` is unused
+    (the least-squares refits bring the data in)."""
+    E, m, n = W.shape
+    if side == "input":
+        st = W.reshape(E * m, n).double()
+        _, Sv, Vh = torch.linalg.svd(st, full_matrices=False)
+        return (Sv[:, None] * Vh).unsqueeze(0).to(W.dtype)
+    out = []
+    for s0, s1 in _split(blocks, m):
+        st = W[:, s0:s1].permute(1, 0, 2).reshape(s1 - s0, E * n).double()
+        U, Sv, _ = torch.linalg.svd(st, full_matrices=False)
+        out.append((U * Sv[None, :]).to(W.dtype))
+    return torch.stack(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CEJDResult:
+    weight: torch.Tensor  # [E, m, n] fp32 reconstruction (exactly reconstruct(parts))
+    bits: BitBudget
+    parts: dict  # see module docstring
+    objective: float  # final f (with the metric used)
+    history: list
+
+
+def reconstruct(parts: dict) -> torch.Tensor:
+    """``W_hat [E, m, n]`` from the stored representation (the documented formula)::
+
+        Q_e = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :] + sign2[e] * col_scale2[e][None, :])
+        W_hat[e] = backbone @ Q_e  (side "output"),  Q_e @ backbone  (side "input"),  Q_e  (side "none")
+
+    ``sign2``/``col_scale2`` (second plane, salient factor columns; zero elsewhere) are optional;
+    ``backbone`` = block_diag(blocks) with blocks dequantized from their stored dtype
+    (int8: ``blocks * scale[..., None]``).
+    """
+    C = parts["sign"].float() * parts["col_scale"].float()[..., None, :]
+    if parts.get("sign2") is not None:
+        C = C + parts["sign2"].float() * parts["col_scale2"].float()[..., None, :]
+    Q = parts["row_scale"].float()[..., :, None] * C
+    bb = parts.get("backbone")
+    if bb is None or parts["side"] == "none":
+        return Q
+    M = backbone_matrix(bb)
+    return M @ Q if parts["side"] == "output" else Q @ M
+
+
+def backbone_matrix(bb: dict) -> torch.Tensor:
+    """Dequantized full backbone (block diagonal) from its stored form."""
+    blocks = bb["blocks"]
+    if bb["dtype"] == "int8":
+        blocks = blocks.float() * bb["scale"].float()[:, :, None]
+    return _blockdiag(blocks.float())
+
+
+def choose_side(m: int, n: int) -> str:
+    return "input" if n <= m else "output"
+
+
+def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dtype: str = "bfloat16",
+                  G=None, rounds: int = 3, scale_rounds: int = 3, percdamp: float = 0.01,
+                  cg_iters: int = 60, weights=None, salient_cols: int = 0, refine: int = 0,
+                  hdamp: float = 0.0) -> CEJDResult:
+    """Joint decomposition + binarization of one projection ``W [E, m, n]`` with Hessians ``H [E, n, n]``.
+
+    side: "input" | "output" | None (auto: the cheaper side) | "none" (no backbone: the binary factor
+        is fit on each ``W_e`` directly; the CEJD-off ablation).
+    weights ``[E]``: per-expert weight of the joint objective (e.g. routed tokens); H is scaled by it
+        (per-expert problems are scale free, the backbone refit is not).
+    G ``[m, m]``: output metric (NGES); None = identity.
+    rounds: binarize ↔ backbone-refit alternations.
+    salient_cols: per expert, factor columns with a second binary plane (largest output-error energy).
+    refine: rounds of greedy sign coordinate descent (+ scale refit) after the GPTQ sign pass.
+    hdamp: ridge added to every Hessian for all fits, ``H_e + hdamp·mean(diag H_e)·I`` (regularizes
+        towards plain weight error; limits over-fitting the calibration tokens).
+    """
+    W = W.float()
+    H = _sym(H.float())
+    if hdamp > 0:
+        md = H.diagonal(dim1=-2, dim2=-1).mean(-1)
+        H = H + hdamp * md[:, None, None] * torch.eye(H.shape[-1], dtype=H.dtype)
+    if weights is not None:
+        H = H * (weights.float() / weights.float().mean().clamp_min(1e-30)).to(H.device)[:, None, None]
+    E, m, n = W.shape
+    side = side or choose_side(m, n)
+    if side != "output":
+        blocks = 1
+    if side == "none":
+        bb = torch.eye(n, dtype=W.dtype).unsqueeze(0)
+        rounds = 1
+    else:
+        bb = init_backbone(W, H, "input" if side == "input" else "output", blocks)
+    fside = "input" if side == "none" else side
+    history = []
+    B = a = b = B2 = b2 = sal = None
+    for r in range(rounds):
+        full = _blockdiag(bb)
+        fm = factor_metrics(W, H, full, fside, G)
+        if B is None:
+            a, b = _init_scales(fm.A)
+            sal = select_salient(fm, salient_cols) if fside == "input" else None
+        B, b, B2, b2 = gptq_signs(fm.A, fm.Hf, a, None if fm.Gf is None else fm.Gf.diagonal(dim1=-2, dim2=-1),
+                                  percdamp, sal)
+        B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        for _ in range(refine):
+            B = refine_signs(B, a, b, fm, 2, B2 if sal is not None else None, b2)
+            B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        Q = _factor(a, B, b, B2 if sal is not None else None, b2)
+        history.append(("binarize", float(_obj(W, Q, full, fside, H, G))))
+        if side == "none":
+            break
+        bb = refit_backbone(W, H, Q, bb, side, G, cg_iters)
+        history.append(("backbone", float(_obj(W, Q, _blockdiag(bb), side, H, G))))
+    backbone = None
+    if side != "none":
+        # store the backbone at its dtype, then refit the scales against the stored backbone
+        stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
+        fm = factor_metrics(W, H, _blockdiag(deq), side, G)
+        B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        backbone = {"blocks": stored, "dtype": backbone_dtype, "scale": bscale, "side": side}
+    two = sal is not None
+    parts = {"side": side, "backbone": backbone, "sign": B.to(torch.int8), "row_scale": a.half(),
+             "col_scale": b.half(),
+             "sign2": B2.to(torch.int8) if two else None, "col_scale2": b2.half() if two else None,
+             "salient": sal}
+    What = reconstruct(parts)
+    history.append(("stored", float(layer_objective(W, What, H, G))))
+    n_sal = int(sal.sum()) if two else 0
+    bits = BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * n_sal, bitmap_bits=E * n if two else 0,
+                     param_bits=FP16 * (E * (m + n) + n_sal),
+                     backbone_bits=0 if backbone is None else backbone_bits(tuple(bb.shape), backbone_dtype))
+    return CEJDResult(What, bits, parts, history[-1][1], history)
+
+
+def _obj(W, Q, full, side, H, G):
+    What = full @ Q if side == "output" else Q @ full
+    return layer_objective(W, What, H, G)

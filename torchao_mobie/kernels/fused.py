@@ -1,0 +1,173 @@
+"""``fused_moe_binary``: the whole experts block of one MoE layer on packed MoBiE weights.
+
+Launch plan (``P = T * top_k`` pairs; ``≤ GEMV_MAX_PAIRS`` → decode kernels, else prefill kernels):
+
+=====================  ==============================================  =================================
+step                   decode (GEMV)                                   prefill (GEMM)
+=====================  ==============================================  =================================
+routing                —                                               ``moe_align_block_size`` (torch)
+gate_up input backbone ``blockdiag_matmul`` on T tokens                same
+gate_up binary         ``binary_moe_gemv`` gated → SiLU(g)·u [P, I]    ``binary_moe_gemm`` gated
+gate_up output bb      binary op writes z [P, 2I]; ``blockdiag_matmul`` gated (SiLU fused) → [P, I]
+down input backbone    ``blockdiag_matmul`` on P pairs                 same
+down binary            ``binary_moe_gemv`` reduce → Σ_j g_j y_j [T, H]  ``binary_moe_gemm`` ·g, sum over k
+down output backbone   ``blockdiag_matmul`` once per token after the weighted sum
+=====================  ==============================================  =================================
+
+So a decode step is 2 binary launches without backbones, 3 with one backbone side that fuses (gate_up
+input / down output), 4 with Qwen3-30B-A3B's auto sides (gate_up output, down input), plus two tiny
+casts of the routing tensors; never a host sync, static shapes (CUDA graphs). Mean and second plane are fused into the
+binary kernels. Intermediates are fp32; the final output has ``hidden.dtype``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .align import moe_align_block_size
+from .reference import ACTIVATIONS, moe_binary_reference
+
+__all__ = ["GEMV_MAX_PAIRS", "fused_moe_binary", "salient_index_i32", "triton_available", "triton_usable"]
+
+GEMV_MAX_PAIRS = 64  # decode kernels up to this many (token, expert) pairs
+GEMM_BLOCK_M = 16
+
+_OPS = None  # the Triton ops module, imported on first use (see _load_ops)
+_TRITON_ERROR: Exception | None = None
+
+
+def _load_ops():
+    """Import the Triton kernels lazily: ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernels are
+    defined, so importing this package early must not freeze the interpreter choice."""
+    global _OPS, _TRITON_ERROR
+    if _OPS is None and _TRITON_ERROR is None:
+        try:
+            from . import ops as _ops_module  # registers torch.ops.mobie_kernels.*
+
+            _OPS = _ops_module
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            _TRITON_ERROR = exc
+    return _OPS
+
+
+def triton_available() -> bool:
+    return _load_ops() is not None
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Triton kernels can run on ``t``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+    if not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return triton_available()
+
+
+def salient_index_i32(w) -> torch.Tensor | None:
+    """``[E, s]`` int32 columns of the second plane (``MoBiETensor.salient_index``), or None.
+
+    Derived from the packed bitmap on every call (a few small device ops, no host sync); a storage
+    field holding this index directly would save them."""
+    if w.qdata2 is None:
+        return None
+    return w.salient_index().to(torch.int32).contiguous()
+
+
+def _bb(w, z, gated, out_dtype=torch.float32):
+    return torch.ops.mobie_kernels.blockdiag_matmul(z.contiguous(), w.backbone, w.backbone_scale, gated, out_dtype)
+
+
+def _check(gate_up, down, hidden, top_k_index, has_gate, activation):
+    from ..storage.mobie_tensor import MoBiETensor
+
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        if not isinstance(w, MoBiETensor):
+            raise TypeError(f"fused_moe_binary: {name} must be a MoBiETensor, got {type(w).__name__}")
+    if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"fused_moe_binary: hidden [T, H] and top_k_index [T, k] expected, got "
+                         f"{list(hidden.shape)} and {list(top_k_index.shape)}")
+    E, m1, H = gate_up.shape
+    E2, H2, I = down.shape
+    I_up = m1 // 2 if has_gate else m1
+    if E2 != E or H2 != H or H != hidden.shape[1] or I_up != I:
+        raise ValueError(f"fused_moe_binary: inconsistent shapes gate_up {list(gate_up.shape)}, down "
+                         f"{list(down.shape)}, hidden {list(hidden.shape)} (has_gate={has_gate})")
+    if activation not in ACTIVATIONS:
+        raise NotImplementedError(f"fused_moe_binary: activation {activation!r} (supported: {list(ACTIVATIONS)})")
+
+
+def fused_moe_binary(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up,
+                     down, *, has_gate: bool = True, activation: str = "silu", path: str = "auto") -> torch.Tensor:
+    """Experts output ``[T, H]`` of a fused MoBiE experts block (no bias; shared experts outside).
+
+    ``gate_up``: MoBiETensor ``[E, 2I, H]`` (gate rows then up rows, ``has_gate``) or ``[E, I, H]``;
+    ``down``: MoBiETensor ``[E, H, I]``; ``top_k_index [T, k]`` int, ``top_k_weights [T, k]``.
+    ``path``: ``"auto"`` (Triton when usable: GEMV for ``T*k <= GEMV_MAX_PAIRS``, else GEMM; the
+    PyTorch reference otherwise), or force ``"gemv"``, ``"gemm"``, ``"reference"``.
+    """
+    _check(gate_up, down, hidden, top_k_index, has_gate, activation)
+    if path == "auto":
+        path = "reference" if not triton_usable(hidden) else (
+            "gemv" if top_k_index.numel() <= GEMV_MAX_PAIRS else "gemm")
+    if path == "reference":
+        return moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, has_gate=has_gate,
+                                    activation=activation)
+    if path not in ("gemv", "gemm"):
+        raise ValueError(f"fused_moe_binary: path must be auto|gemv|gemm|reference, got {path!r}")
+    if not triton_usable(hidden):
+        raise RuntimeError(f"fused_moe_binary: path={path!r} needs triton and a CUDA tensor (or TRITON_INTERPRET=1)"
+                           + (f"; triton import failed: {_TRITON_ERROR}" if _TRITON_ERROR else ""))
+    ops = torch.ops.mobie_kernels
+    T, H = hidden.shape
+    k = top_k_index.shape[1]
+    P = T * k
+    E = gate_up.shape[0]
+    ids = top_k_index.reshape(-1).to(torch.int32).contiguous()
+    rw = top_k_weights.reshape(-1).to(torch.float32).contiguous()
+    x = hidden.contiguous()
+    fuse_gate = has_gate and activation == "silu"
+    sorted_ids = block_expert = npad = None
+    if path == "gemm":  # shared by both projections
+        sorted_ids, block_expert, npad = moe_align_block_size(ids, E, GEMM_BLOCK_M)
+
+    def binary(w, inp, *, x_per_pair, gated, weights, reduce_out_dtype):
+        s2 = salient_index_i32(w)
+        if path == "gemv":
+            return ops.binary_moe_gemv(inp, ids, weights, w.qdata, w.row_scale, w.col_scale, w.mean, w.qdata2,
+                                       w.col_scale2, s2, k, x_per_pair, gated, weights is not None,
+                                       reduce_out_dtype if weights is not None else torch.float32)
+        y = ops.binary_moe_gemm(inp, sorted_ids, block_expert, npad, weights, w.qdata, w.row_scale, w.col_scale,
+                                w.mean, w.qdata2, w.col_scale2, s2, P, k, x_per_pair, gated, GEMM_BLOCK_M,
+                                torch.float32)
+        if weights is not None:
+            y = y.view(T, k, y.shape[-1]).sum(1).to(reduce_out_dtype)
+        return y
+
+    # gate_up (+ activation)
+    xin = _bb(gate_up, x, False) if gate_up.side == "input" else x
+    if gate_up.side == "output":
+        z = binary(gate_up, xin, x_per_pair=False, gated=False, weights=None, reduce_out_dtype=None)
+        if fuse_gate:
+            h = _bb(gate_up, z, True)
+        else:
+            h = _act(_bb(gate_up, z, False), has_gate, activation)
+    elif fuse_gate:
+        h = binary(gate_up, xin, x_per_pair=False, gated=True, weights=None, reduce_out_dtype=None)
+    else:
+        h = _act(binary(gate_up, xin, x_per_pair=False, gated=False, weights=None, reduce_out_dtype=None),
+                 has_gate, activation)
+    # down (+ routing-weighted sum over the top-k)
+    if down.side == "input":
+        h = _bb(down, h, False)
+    if down.side == "output":
+        y = binary(down, h, x_per_pair=True, gated=False, weights=rw, reduce_out_dtype=torch.float32)
+        return _bb(down, y, False, hidden.dtype)
+    return binary(down, h, x_per_pair=True, gated=False, weights=rw, reduce_out_dtype=hidden.dtype)
+
+
+def _act(z, has_gate, activation):
+    act = ACTIVATIONS[activation]
+    if not has_gate:
+        return act(z)
+    g, u = z.chunk(2, dim=-1)
+    return (act(g) * u).contiguous()

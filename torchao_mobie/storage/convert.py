@@ -1,0 +1,119 @@
+"""Turning MoBiE's explicit representation into packed :class:`MoBiETensor` parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..integrations.transformers import PROJECTIONS, is_experts_module
+from .mobie_tensor import MoBiETensor
+
+__all__ = ["PARTS_ATTR", "pack_experts", "pack_model", "is_packed", "unpack_model"]
+
+# experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
+# representation (``BinarizedExperts.parts``); pack_model also reads ``record.parts`` of the records
+# left by torchao_mobie.api.
+PARTS_ATTR = "_mobie_parts"
+_RECORDS = "_mobie_records"
+
+
+def is_packed(model: nn.Module) -> bool:
+    """True when at least one experts weight of ``model`` is a :class:`MoBiETensor`."""
+    return any(isinstance(p, MoBiETensor) for p in model.parameters())
+
+
+def _find_parts(module: nn.Module, projection: str):
+    parts = getattr(module, PARTS_ATTR, {}) or {}
+    if projection in parts:
+        return parts[projection]
+    rec = (getattr(module, _RECORDS, {}) or {}).get(projection)
+    return getattr(rec, "parts", None) if rec is not None else None
+
+
+@torch.no_grad()
+def pack_experts(module: nn.Module, projection: str, parts, *, check: bool = True, name: str = "") -> MoBiETensor:
+    """Replace ``module.<projection>`` by the packed weight built from ``parts``.
+
+    check: the packed weight's :meth:`~MoBiETensor.dequantize` must equal the module's current
+    (fake-quant) weight bit for bit; a mismatch raises (parts and weight are from different runs).
+    """
+    if getattr(module, "is_transposed", False):
+        raise NotImplementedError(f"{name or type(module).__name__}: packing transposed experts weights "
+                                  "(is_transposed=True, e.g. GPT-OSS) is not supported")
+    old = getattr(module, projection)
+    if isinstance(old, MoBiETensor):
+        raise RuntimeError(f"{name}.{projection} is already packed")
+    t = MoBiETensor.from_parts(parts, dtype=old.dtype)
+    if tuple(t.shape) != tuple(old.shape):
+        raise ValueError(f"{name}.{projection}: parts describe {list(t.shape)}, the parameter is {list(old.shape)}")
+    t = t.to(old.device)
+    if check:
+        deq = t.dequantize()
+        if not torch.equal(deq, old.detach()):
+            diff = (deq.float() - old.detach().float()).abs().max().item()
+            raise ValueError(f"{name}.{projection}: the packed representation does not reproduce the module's weight "
+                             f"(max abs diff {diff:.3g}); the parts belong to another quantization run")
+    setattr(module, projection, nn.Parameter(t, requires_grad=False))
+    return t
+
+
+def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
+               experts_implementation: str | None = "mobie", check: bool = True,
+               attach_hf_quantizer: bool = True) -> nn.Module:
+    """Convert every binarized experts projection of ``model`` to :class:`MoBiETensor` (in place).
+
+    parts: optional ``{"<experts fqn>.<projection>": parts}``; otherwise the representation left on the
+        experts modules by the quantization run (``module._mobie_parts[projection]`` or the record's
+        ``parts``). Projections without an explicit representation (fake-quant baselines such as BiLLM,
+        ARB-LLM, sign) stay as they are; if nothing can be packed a ValueError says so.
+    experts_implementation: switch the model to this experts implementation (None = keep).
+    attach_hf_quantizer: attach the ``"mobie"`` HF quantizer/config so ``save_pretrained`` writes the
+        packed format.
+    """
+    parts = dict(parts or {})
+    packed = []
+    for fqn, module in model.named_modules():
+        if not is_experts_module(module):
+            continue
+        for proj in PROJECTIONS:
+            key = f"{fqn}.{proj}" if fqn else proj
+            p = parts.pop(key, None)
+            if p is None:
+                p = _find_parts(module, proj)
+            if p is None or isinstance(getattr(module, proj), MoBiETensor):
+                continue
+            pack_experts(module, proj, p, check=check, name=fqn)
+            if hasattr(module, PARTS_ATTR):
+                getattr(module, PARTS_ATTR).pop(proj, None)
+            packed.append(key)
+    if parts:
+        raise KeyError(f"pack_model: no experts parameter named {sorted(parts)}")
+    if not packed:
+        raise ValueError("pack_model: no experts weight has an explicit binary representation to pack (looked for "
+                         f"module.{PARTS_ATTR}[projection] and the records' .parts). Only MoBiEConfig produces one "
+                         "(BinarizedExperts.parts); the BiLLM / ARB-LLM / sign baselines are fake-quant only. "
+                         "Pass parts={'<experts fqn>.<projection>': parts} to pack a representation built elsewhere")
+    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(experts_implementation)
+    if attach_hf_quantizer and hasattr(model, "config"):
+        from ..integrations.hf_quantizer import attach_quantizer
+
+        attach_quantizer(model)
+    return model
+
+
+@torch.no_grad()
+def unpack_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every :class:`MoBiETensor` parameter by its dequantized (fake-quant) weight, in place.
+
+    The result is the fake-quant model bit for bit (in the packed tensor's logical dtype unless ``dtype``)."""
+    for _, module in model.named_modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p, MoBiETensor):
+                setattr(module, name, nn.Parameter(p.dequantize(dtype or p.dtype), requires_grad=False))
+    if getattr(getattr(model, "config", None), "_experts_implementation", None) == "mobie" \
+            and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("grouped_mm")
+    return model

@@ -1,0 +1,498 @@
+"""``MoBiETensor``: packed 1-bit storage of one fused 3D experts weight ``[E, out, in]``.
+
+Representation (per projection, ``m = out``, ``n = in``)::
+
+    Q_e   = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :]  +  sign2[e] * col_scale2[e][None, :])
+            (+ mean[e][:, None] when present)
+    W[e]  = backbone @ Q_e   (side "output", backbone [m, m])
+            Q_e @ backbone   (side "input",  backbone [n, n])
+            Q_e              (side "none")
+
+``sign2``/``col_scale2`` is an optional second binary plane restricted to a few "salient" columns per
+expert; ``backbone`` is block diagonal (``nb`` blocks ``[k, k]``), stored bf16 / fp32, or int8 with one
+fp16 scale per row. Everything is computed in fp32 with exactly the operations of
+:func:`torchao_mobie.algorithms.cejd.reconstruct`, so :meth:`MoBiETensor.dequantize` reproduces the
+fake-quant weight bit for bit (same fp32 values before the final cast).
+
+Tensor data (the only memory the tensor holds):
+
+====================  ===============================  ===================================================
+name                  shape / dtype                    meaning
+====================  ===============================  ===================================================
+qdata                 [E, m, ceil(n/32)] int32          signs, packed along ``in`` (the reduction dim)
+row_scale             [E, m] fp16                       per-row (output) scale
+col_scale             [E, n] fp16                       per-column (input) scale
+backbone (opt)        [nb, k, k] bf16 | int8 | fp32     shared backbone blocks (k*nb = m or n)
+backbone_scale (opt)  [nb, k] fp16                      per-row scale of an int8 backbone
+qdata2 (opt)          [E, s, ceil(m/32)] int32          second-plane signs of the ``s`` salient columns,
+                                                        packed along ``out`` (one column per row)
+col_scale2 (opt)      [E, s] fp16                       second-plane column scales (0 = padding slot)
+salient (opt)         [E, ceil(n/32)] int32             packed bitmap of the salient columns
+mean (opt)            [E, m] fp16                       per-row mean added to the factor
+====================  ===============================  ===================================================
+
+Non-tensor attributes: ``side`` ("output" | "input" | "none"), ``dtype`` (the logical dtype) and
+``transposed`` (a ``[E, in, out]`` view made by ``transpose(-2, -1)``, for transformers' grouped_mm path;
+parameters are never transposed).
+As for every torchao tensor, ``.to(device)`` moves the packed data while a requested dtype is ignored
+(``model.half()`` leaves the packed weights and their logical dtype as they are).
+The logical shape is ``[E, m, n]``. Salient columns of expert ``e`` are, in ascending order, the first
+entries of ``stable_argsort(~bitmap[e])`` (:meth:`MoBiETensor.salient_index`); experts with fewer
+than ``s`` salient columns fill the remaining slots with non-salient columns and a zero scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torchao.utils import TorchAOBaseTensor
+
+from ..algorithms.result import BitBudget
+from .packing import pack_signs, packed_length, unpack_bits, unpack_signs
+
+__all__ = ["MoBiETensor", "SIDES"]
+
+aten = torch.ops.aten
+SIDES = ("output", "input", "none")
+_BACKBONE_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8", torch.float32: "float32",
+                    torch.float16: "float16"}
+FP16_BITS = 16
+
+
+def _as_dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+class MoBiETensor(TorchAOBaseTensor):
+    """Packed MoBiE weight of a fused experts projection (see the module docstring for the layout)."""
+
+    tensor_data_names = ["qdata", "row_scale", "col_scale"]
+    tensor_attribute_names = ["side", "dtype"]
+    optional_tensor_data_names = ["backbone", "backbone_scale", "qdata2", "col_scale2", "salient", "mean"]
+    optional_tensor_attribute_names = ["transposed"]
+
+    def __new__(cls, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
+                col_scale2=None, salient=None, mean=None, transposed=False):
+        E, m, n = row_scale.shape[0], row_scale.shape[1], col_scale.shape[1]
+        shape = (E, n, m) if transposed else (E, m, n)
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
+                                                   requires_grad=False)
+
+    def __init__(self, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
+                 col_scale2=None, salient=None, mean=None, transposed=False):
+        super().__init__()
+        self.transposed = bool(transposed)
+        self.qdata = qdata
+        self.row_scale = row_scale
+        self.col_scale = col_scale
+        self.side = side
+        self.backbone = backbone
+        self.backbone_scale = backbone_scale
+        self.qdata2 = qdata2
+        self.col_scale2 = col_scale2
+        self.salient = salient
+        self.mean = mean
+
+    def _quantization_type(self):
+        nb = 0 if self.backbone is None else self.backbone.shape[0]
+        bdt = None if self.backbone is None else _as_dtype_name(self.backbone.dtype)
+        s = 0 if self.col_scale2 is None else self.col_scale2.shape[1]
+        return f"shape={list(self.shape)}, transposed={self.transposed}, side={self.side}, backbone={bdt}x{nb}, second_plane_cols={s}"
+
+    def __repr__(self):
+        return f"MoBiETensor({self._quantization_type()}, dtype={self.dtype}, stored_bytes={self.storage_bytes()})"
+
+    def _stable_hash_for_caching(self) -> str:
+        """Metadata-only cache key for AOT autograd (tensor metadata, like DTensor's)."""
+        import hashlib
+
+        names, attrs = self.__tensor_flatten__()
+        key = [type(self).__qualname__, tuple(self.shape), str(self.dtype), str(self.device), attrs["side"],
+               attrs.get("transposed", False)]
+        for n in names:
+            t = getattr(self, n)
+            key.append((n, tuple(t.shape), str(t.dtype), tuple(t.stride())))
+        return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+    # ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_parts(cls, parts, dtype: torch.dtype = torch.bfloat16) -> "MoBiETensor":
+        """Pack the explicit representation left by MoBiE / CEJD.
+
+        ``parts``: a dict with stacked tensors (``cejd.CEJDResult.parts``: ``side``, ``sign [E,m,n]``,
+        ``row_scale [E,m]``, ``col_scale [E,n]``, optional ``sign2 [E,m,n]`` + ``col_scale2 [E,n]``
+        (zero outside the salient columns) + ``salient [E,n]`` bool, optional ``mean [E,m]``, and
+        ``backbone`` = ``{"blocks": [nb,k,k], "dtype": str, "scale": [nb,k] | None}`` or None), or a
+        list of per-expert dicts with the same keys without the expert dim (the backbone shared).
+        """
+        p = _stack_parts(parts)
+        side = p.get("side") or "none"
+        bb = p.get("backbone")
+        if side not in SIDES:
+            raise ValueError(f"MoBiE parts: side must be one of {SIDES}, got {side!r}")
+        if bb is None and side != "none":
+            raise ValueError(f"MoBiE parts: side {side!r} needs a backbone")
+        sign = p["sign"]
+        if sign.dim() != 3:
+            raise ValueError(f"MoBiE parts: sign must be [E, out, in], got {list(sign.shape)}")
+        E, m, n = sign.shape
+        row_scale = _as_half(p["row_scale"], (E, m), "row_scale")
+        col_scale = _as_half(p["col_scale"], (E, n), "col_scale")
+        qdata = pack_signs(sign)
+        backbone = backbone_scale = None
+        if bb is not None and side != "none":
+            blocks = bb["blocks"] if isinstance(bb, Mapping) else bb
+            if blocks.dim() == 2:
+                blocks = blocks.unsqueeze(0)
+            nb, k, k2 = blocks.shape
+            expect = m if side == "output" else n
+            if k != k2 or nb * k != expect:
+                raise ValueError(f"MoBiE parts: {side}-side backbone blocks {list(blocks.shape)} do not make a "
+                                 f"[{expect}, {expect}] matrix")
+            backbone = blocks.contiguous()
+            scale = bb.get("scale") if isinstance(bb, Mapping) else None
+            if backbone.dtype == torch.int8:
+                if scale is None:
+                    raise ValueError("MoBiE parts: an int8 backbone needs a per-row scale")
+                backbone_scale = _as_half(scale.reshape(nb, k), (nb, k), "backbone scale")
+            elif backbone.dtype not in _BACKBONE_DTYPES:
+                raise ValueError(f"MoBiE parts: unsupported backbone dtype {backbone.dtype}")
+        qdata2 = col_scale2 = salient = None
+        if p.get("sign2") is not None:
+            sal = p.get("salient")
+            c2 = p["col_scale2"]
+            if sal is None:
+                sal = c2 != 0
+            sal = sal.to(torch.bool).reshape(E, n)
+            s = max(1, int(sal.sum(-1).max()))
+            idx = _salient_index(sal, s)  # [E, s]
+            valid = sal.gather(1, idx)
+            s2 = p["sign2"].gather(2, idx[:, None, :].expand(E, m, s))  # [E, m, s]
+            s2 = torch.where(valid[:, None, :], s2, torch.ones_like(s2))
+            qdata2 = pack_signs(s2.transpose(1, 2))  # [E, s, ceil(m/32)]
+            col_scale2 = torch.where(valid, c2.to(torch.float16).gather(1, idx), torch.zeros((), dtype=torch.float16))
+            salient = pack_signs(torch.where(sal, 1, -1))
+        mean = None if p.get("mean") is None else _as_half(p["mean"], (E, m), "mean")
+        return cls(qdata, row_scale, col_scale, side, dtype, backbone=backbone, backbone_scale=backbone_scale,
+                   qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean)
+
+    # ------------------------------------------------------------------------------------------
+    # reconstruction
+    # ------------------------------------------------------------------------------------------
+
+    @property
+    def num_experts(self) -> int:
+        return self.row_scale.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        """``m`` of the (untransposed) ``[E, m, n]`` weight."""
+        return self.row_scale.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.col_scale.shape[1]
+
+    def _dims(self) -> tuple[int, int, int]:
+        return self.num_experts, self.out_features, self.in_features
+
+    def salient_index(self) -> torch.Tensor | None:
+        """``[E, s]`` int64 column indices of the second plane's slots (None without a second plane)."""
+        if self.qdata2 is None:
+            return None
+        sal = unpack_bits(self.salient, self.in_features).bool()
+        return _salient_index(sal, self.col_scale2.shape[1])
+
+    def backbone_matrix(self) -> torch.Tensor | None:
+        """The full (block-diagonal) backbone in fp32, exactly as ``cejd.backbone_matrix``."""
+        if self.backbone is None or self.side == "none":
+            return None
+        blocks = self.backbone
+        if blocks.dtype == torch.int8:
+            blocks = blocks.float() * self.backbone_scale.float()[:, :, None]
+        return torch.block_diag(*blocks.float().unbind(0))
+
+    def factor(self, experts: torch.Tensor | int | None = None) -> torch.Tensor:
+        """fp32 binary factors ``Q_e`` (``[E, m, n]``, or of the selected experts)."""
+        m, n = self.out_features, self.in_features
+        single = isinstance(experts, int)
+        if single:
+            experts = torch.tensor([experts], device=self.qdata.device)
+
+        def take(t):
+            return t if experts is None else t[experts]
+
+        C = unpack_signs(take(self.qdata), n) * take(self.col_scale).float()[..., None, :]
+        if self.qdata2 is not None:
+            idx = take(self.salient_index())
+            c2 = take(self.col_scale2)
+            valid = c2 != 0
+            s2 = unpack_signs(take(self.qdata2), m).transpose(-1, -2)  # [.., m, s]
+            s2 = s2 * valid[..., None, :].float()
+            full_s2 = torch.zeros(C.shape, dtype=torch.float32, device=C.device)
+            full_s2.scatter_(-1, idx[..., None, :].expand(*C.shape[:-1], idx.shape[-1]), s2)
+            full_c2 = torch.zeros(C.shape[:-2] + (n,), dtype=torch.float16, device=C.device)
+            full_c2.scatter_(-1, idx, c2)
+            C = C + full_s2 * full_c2.float()[..., None, :]
+        Q = take(self.row_scale).float()[..., :, None] * C
+        if self.mean is not None:
+            Q = Q + take(self.mean).float()[..., :, None]
+        return Q[0] if single else Q
+
+    def dequantize(self, output_dtype: torch.dtype | None = None, experts=None) -> torch.Tensor:
+        """The weight ``[E, m, n]`` (or of the selected experts) in ``output_dtype`` (default: the
+        logical dtype); fp32 values identical to :func:`cejd.reconstruct` of the packed parts."""
+        Q = self.factor(experts)
+        M = self.backbone_matrix()
+        if M is not None:
+            Q = M @ Q if self.side == "output" else Q @ M
+        if self.transposed:
+            Q = Q.transpose(-1, -2)
+        return Q.to(output_dtype or self.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # accounting
+    # ------------------------------------------------------------------------------------------
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        names, _ = self.__tensor_flatten__()
+        return {k: getattr(self, k) for k in names}
+
+    def storage_bytes(self) -> int:
+        """Bytes of every tensor this weight really holds (packed signs, scales, bitmap, backbone)."""
+        return sum(t.numel() * t.element_size() for t in self.stored_tensors().values())
+
+    def padding_bits(self) -> int:
+        """Bits stored only because packed dimensions are rounded up to 32-bit words."""
+        E, m, n = self._dims()
+        pad = E * m * (packed_length(n) * 32 - n)
+        if self.qdata2 is not None:
+            s = self.col_scale2.shape[1]
+            pad += E * s * (packed_length(m) * 32 - m) + E * (packed_length(n) * 32 - n)
+        return pad
+
+    def bit_budget(self) -> BitBudget:
+        """All-inclusive bit accounting of the logical content (the convention of ``cejd``)."""
+        E, m, n = self._dims()
+        n_sal = 0
+        if self.qdata2 is not None:
+            n_sal = int(unpack_bits(self.salient, n).sum())
+        bb_bits = 0
+        if self.backbone is not None:
+            bb_bits = self.backbone.numel() * self.backbone.element_size() * 8
+            if self.backbone_scale is not None:
+                bb_bits += self.backbone_scale.numel() * FP16_BITS
+        extra_slots = 0 if self.qdata2 is None else self.col_scale2.numel() - n_sal
+        param = FP16_BITS * (E * (m + n) + n_sal + extra_slots + (E * m if self.mean is not None else 0))
+        return BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * (n_sal + extra_slots),
+                         bitmap_bits=E * n if self.qdata2 is not None else 0, param_bits=param,
+                         backbone_bits=bb_bits)
+
+    # ------------------------------------------------------------------------------------------
+    # fused building blocks (used by the "mobie" experts implementation)
+    # ------------------------------------------------------------------------------------------
+
+    def backbone_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``S x`` for an input-side backbone (``x [.., n]`` fp32); identity otherwise."""
+        if self.side != "input" or self.backbone is None:
+            return x
+        return x @ self.backbone_matrix().t()
+
+    def backbone_output(self, z: torch.Tensor) -> torch.Tensor:
+        """``M z`` for an output-side backbone (``z [.., m]`` fp32); identity otherwise."""
+        if self.side != "output" or self.backbone is None:
+            return z
+        return z @ self.backbone_matrix().t()
+
+    def factor_mm(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32."""
+        return torch.ops.mobie.binary_factor_mm(
+            x.float(), expert_ids, self.qdata, self.row_scale, self.col_scale, self.qdata2, self.col_scale2,
+            self.salient, self.mean)
+
+
+# ----------------------------------------------------------------------------------------------
+# the binary factor GEMM (opaque custom op: one entry point for compile; Triton comes later)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mobie::binary_factor_mm", mutates_args=())
+def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
+                     col_scale: torch.Tensor, qdata2: torch.Tensor | None, col_scale2: torch.Tensor | None,
+                     salient: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
+    """Reference: for each expert that has rows, unpack its signs once and run a ±1 matmul.
+
+    ``y_i = row_scale[e] * (B_e (col_scale[e] * x_i) + B2_e (col_scale2[e] * x_i[salient_e])) + mean[e] * Σ x_i``
+    Experts without rows are never touched.
+    """
+    S, n = x.shape
+    E, m = row_scale.shape
+    out = torch.zeros(S, m, dtype=torch.float32, device=x.device)
+    if S == 0:
+        return out
+    ids = expert_ids.reshape(-1).long()
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=E).tolist()
+    idx2 = None
+    if qdata2 is not None:
+        s = col_scale2.shape[1]
+        idx2 = _salient_index(unpack_bits(salient, n).bool(), s)
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = order[start:start + c]
+        start += c
+        xe = x[rows].float()
+        B = unpack_signs(qdata[e], n)  # [m, n] ±1
+        y = (xe * col_scale[e].float()) @ B.t()
+        if qdata2 is not None:
+            B2 = unpack_signs(qdata2[e], m)  # [s, m]
+            y = y + (xe[:, idx2[e]] * col_scale2[e].float()) @ B2
+        y = y * row_scale[e].float()
+        if mean is not None:
+            y = y + xe.sum(-1, keepdim=True) * mean[e].float()
+        out[rows] = y
+    return out
+
+
+@binary_factor_mm.register_fake
+def _(x, expert_ids, qdata, row_scale, col_scale, qdata2, col_scale2, salient, mean):
+    return x.new_empty((x.shape[0], row_scale.shape[1]), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _salient_index(sal: torch.Tensor, s: int) -> torch.Tensor:
+    """First ``s`` columns of ``stable_argsort(~sal)``: the salient columns ascending, then fillers."""
+    return torch.argsort((~sal).to(torch.int8), dim=-1, stable=True)[..., :s]
+
+
+def _as_half(t, shape, what) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"MoBiE parts: {what} must be {list(shape)}, got {list(t.shape)}")
+    if t.dtype != torch.float16:
+        h = t.to(torch.float16)
+        if not torch.equal(h.float(), t.float()):
+            raise ValueError(f"MoBiE parts: {what} is {t.dtype} and not representable in fp16 (stored width)")
+        t = h
+    return t.contiguous()
+
+
+def _stack_parts(parts) -> dict:
+    if isinstance(parts, Mapping):
+        p = dict(parts)
+        if p.get("backbone") is None and p.get("backbone_ref") is not None:
+            p["backbone"] = p["backbone_ref"]
+        return p
+    if not isinstance(parts, Sequence) or not parts:
+        raise TypeError(f"MoBiE parts must be a dict of stacked tensors or a list of per-expert dicts, got "
+                        f"{type(parts).__name__}")
+    first = parts[0]
+    out = {"side": first.get("side") or "none",
+           "backbone": first.get("backbone", first.get("backbone_ref"))}
+    for key in ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "salient", "mean"):
+        vals = [pe.get(key) for pe in parts]
+        if all(v is None for v in vals):
+            continue
+        if any(v is None for v in vals):
+            raise ValueError(f"MoBiE parts: {key} is present for some experts only")
+        out[key] = torch.stack([torch.as_tensor(v) for v in vals])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# aten / torch-function dispatch (generic experts implementations: eager, batched_mm, grouped_mm)
+# ----------------------------------------------------------------------------------------------
+
+implements = MoBiETensor.implements
+implements_torch_function = MoBiETensor.implements_torch_function
+
+
+@implements(aten.select.int)
+def _(func, types, args, kwargs):
+    self, dim, index = args[0], args[1], args[2]
+    if dim != 0:
+        raise NotImplementedError(f"MoBiETensor: select along dim {dim}; only expert selection (dim 0) is supported")
+    index = int(index)
+    if index < 0:
+        index += self.shape[0]
+    return self.dequantize(experts=torch.tensor([index], device=self.qdata.device))[0]
+
+
+@implements(aten.index.Tensor)
+def _(func, types, args, kwargs):
+    self, indices = args[0], args[1]
+    if len(indices) != 1 or indices[0] is None:
+        raise NotImplementedError("MoBiETensor: only indexing the expert dim with one index tensor is supported")
+    idx = indices[0]
+    if idx.dtype == torch.bool:
+        idx = idx.nonzero().squeeze(-1)
+    flat = idx.reshape(-1).long()
+    w = self.dequantize(experts=flat)
+    return w.reshape(*idx.shape, *self.shape[1:])
+
+
+@implements(aten.transpose.int)
+def _(func, types, args, kwargs):
+    # grouped_mm path: a lazily transposed view, consumed by _grouped_mm below without dequantizing
+    self, d0, d1 = args[0], args[1], args[2]
+    if {d0 % 3, d1 % 3} != {1, 2}:
+        raise NotImplementedError(f"MoBiETensor: transpose({d0}, {d1}); only the last two dims can be swapped")
+    names, attrs = self.__tensor_flatten__()
+    kw = {n: getattr(self, n) for n in names if n not in MoBiETensor.tensor_data_names}
+    return MoBiETensor(self.qdata, self.row_scale, self.col_scale, self.side, self.dtype, **kw,
+                       transposed=not self.transposed)
+
+
+def packed_grouped_mm(x: torch.Tensor, w: "MoBiETensor", offs: torch.Tensor) -> torch.Tensor:
+    """``x [S, n]`` rows grouped by expert (``offs``: cumulative row counts) times the transposed packed
+    weight ``w [E, n, m]`` -> ``[S, m]`` in ``w.dtype``; rows past ``offs[-1]`` are zero. Only the
+    experts that own rows are unpacked."""
+    if not w.transposed:
+        raise NotImplementedError("grouped_mm needs the [E, in, out] (transposed) view of a MoBiETensor")
+    S = x.shape[0]
+    rows = torch.arange(S, device=x.device)
+    ids = torch.searchsorted(offs.to(torch.int64), rows, right=True)
+    valid = ids < w.num_experts
+    ids = ids.clamp(max=w.num_experts - 1)
+    xf = w.backbone_input(x.float())
+    y = w.backbone_output(w.factor_mm(xf, ids))
+    y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
+    return y.to(w.dtype)
+
+
+@implements(aten._grouped_mm.default)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    offs = args[2] if len(args) > 2 else kwargs.get("offs")
+    bias = args[3] if len(args) > 3 else kwargs.get("bias")
+    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
+    if not isinstance(w, MoBiETensor) or isinstance(x, MoBiETensor) or offs is None or x.dim() != 2:
+        raise NotImplementedError("MoBiETensor: only _grouped_mm(x [S, in], packed weight [E, in, out], offs) "
+                                  "is supported")
+    y = packed_grouped_mm(x, w, offs)
+    if bias is not None:
+        raise NotImplementedError("MoBiETensor: _grouped_mm with bias")
+    return y.to(out_dtype) if out_dtype is not None else y
+
+
+@implements([aten.t.default])
+def _(func, types, args, kwargs):
+    raise NotImplementedError("MoBiETensor is 3D; .t() is undefined")
+
+
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    raise NotImplementedError("MoBiETensor holds a 3D experts weight; select an expert before F.linear")
+
+
+torch.serialization.add_safe_globals([MoBiETensor])

@@ -1,0 +1,294 @@
+"""Safetensors format of packed models (also what the ``"mobie"`` HF quantizer reads and writes).
+
+A packed parameter ``<module>.<param>`` is stored as plain tensors ``<module>._<param>_<data name>``
+(torchao's naming: ``model.layers.0.mlp.experts._gate_up_proj_qdata``) and described in the file's
+string metadata:
+
+* ``mobie_format`` = ``"mobie-packed"``, ``mobie_format_version`` = ``"1"`` (:data:`FORMAT_VERSION`);
+* ``mobie_tensors``: JSON ``{param fqn: {"shape": [E, m, n], "dtype": "bfloat16", "side": "output",
+  "data": [data names]}}``;
+* ``mobie_checksums``: JSON ``{stored key: crc32 of its bytes}`` for every tensor of the file;
+* ``mobie_aliases``: JSON ``{key: kept key}`` for tied tensors stored once.
+
+Loading checks the format name and version, every tensor's presence, checksum, dtype and shape
+(against the logical shape), and raises :class:`MoBiECheckpointError` naming the file and tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .mobie_tensor import MoBiETensor
+from .packing import packed_length
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MoBiECheckpointError", "flatten_state_dict", "unflatten_state_dict",
+           "save_quantized", "load_quantized", "read_checkpoint", "WEIGHTS_NAME"]
+
+FORMAT_NAME = "mobie-packed"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+
+
+class MoBiECheckpointError(ValueError):
+    """A packed checkpoint is truncated, corrupted, incomplete or of an incompatible format version."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise MoBiECheckpointError(f"unknown dtype {name!r}")
+    return dt
+
+
+def _crc(t: torch.Tensor) -> int:
+    t = t.detach().contiguous().cpu()
+    return zlib.crc32(t.view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+
+
+def _split(fqn: str) -> tuple[str, str]:
+    return fqn.rsplit(".", 1) if "." in fqn else ("", fqn)
+
+
+def stored_key(fqn: str, data_name: str) -> str:
+    mod, p = _split(fqn)
+    return f"{mod}._{p}_{data_name}" if mod else f"_{p}_{data_name}"
+
+
+def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Plain tensors + string metadata for safetensors (shared plain tensors stored once)."""
+    tensors: dict[str, torch.Tensor] = {}
+    described: dict[str, dict] = {}
+    aliases: dict[str, str] = {}
+    by_storage: dict[tuple, str] = {}
+    for fqn, t in state_dict.items():
+        if isinstance(t, MoBiETensor):
+            if t.transposed:
+                raise ValueError(f"{fqn}: cannot store a transposed view of a MoBiETensor")
+            names, attrs = t.__tensor_flatten__()
+            described[fqn] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "side": attrs["side"],
+                              "data": list(names)}
+            for n in names:
+                tensors[stored_key(fqn, n)] = getattr(t, n).detach().contiguous()
+            continue
+        t = t.detach()
+        key = (t.data_ptr(), t.numel(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        if key is not None and key in by_storage:
+            aliases[fqn] = by_storage[key]
+            continue
+        if key is not None:
+            by_storage[key] = fqn
+        tensors[fqn] = t.contiguous()
+    meta = {"format": "pt", "mobie_format": FORMAT_NAME, "mobie_format_version": str(FORMAT_VERSION),
+            "mobie_tensors": json.dumps(described, sort_keys=True),
+            "mobie_checksums": json.dumps({k: _crc(v) for k, v in tensors.items()}, sort_keys=True),
+            "mobie_aliases": json.dumps(aliases, sort_keys=True)}
+    return tensors, meta
+
+
+def check_metadata(metadata: Mapping[str, str] | None, filename: str) -> None:
+    """Format name and version of a packed checkpoint, or a :class:`MoBiECheckpointError`."""
+    metadata = metadata or {}
+    if metadata.get("mobie_format") != FORMAT_NAME:
+        raise MoBiECheckpointError(f"{filename}: not a MoBiE packed checkpoint (metadata mobie_format="
+                                   f"{metadata.get('mobie_format')!r}, expected {FORMAT_NAME!r})")
+    try:
+        version = int(metadata.get("mobie_format_version", ""))
+    except ValueError:
+        raise MoBiECheckpointError(f"{filename}: unreadable mobie_format_version "
+                                   f"{metadata.get('mobie_format_version')!r}") from None
+    if version != FORMAT_VERSION:
+        raise MoBiECheckpointError(f"{filename}: MoBiE packed format version {version} is not supported by this "
+                                   f"torchao_mobie (reads version {FORMAT_VERSION}); "
+                                   + ("upgrade torchao_mobie" if version > FORMAT_VERSION else "re-export the model"))
+
+
+def _json(metadata, key, filename):
+    try:
+        return json.loads(metadata.get(key, "{}"))
+    except json.JSONDecodeError as e:
+        raise MoBiECheckpointError(f"{filename}: corrupted metadata field {key!r} ({e})") from None
+
+
+def _expected_shapes(shape, side, names, t: dict) -> dict[str, tuple]:
+    E, m, n = shape
+    exp = {"qdata": (E, m, packed_length(n)), "row_scale": (E, m), "col_scale": (E, n), "mean": (E, m)}
+    if "col_scale2" in t:
+        s = t["col_scale2"].shape[-1]
+        exp.update(qdata2=(E, s, packed_length(m)), col_scale2=(E, s), salient=(E, packed_length(n)))
+    if "backbone" in t:
+        nb = t["backbone"].shape[0]
+        k = (m if side == "output" else n) // max(1, nb)
+        exp.update(backbone=(nb, k, k), backbone_scale=(nb, k))
+    return exp
+
+
+_DTYPES = {"qdata": (torch.int32,), "row_scale": (torch.float16,), "col_scale": (torch.float16,),
+           "qdata2": (torch.int32,), "col_scale2": (torch.float16,), "salient": (torch.int32,),
+           "mean": (torch.float16,), "backbone_scale": (torch.float16,),
+           "backbone": (torch.int8, torch.bfloat16, torch.float32, torch.float16)}
+
+
+def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: str) -> MoBiETensor:
+    """Validate the stored tensors of one packed parameter and rebuild it."""
+    shape, side = tuple(desc["shape"]), desc["side"]
+    missing = [stored_key(fqn, n) for n in desc["data"] if n not in data]
+    if missing:
+        raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} of packed parameter {fqn} is missing "
+                                   "(truncated or incomplete checkpoint)")
+    exp = _expected_shapes(shape, side, desc["data"], data)
+    for n, t in data.items():
+        if n not in _DTYPES:
+            raise MoBiECheckpointError(f"{filename}: unknown data {stored_key(fqn, n)} for {fqn}")
+        if t.dtype not in _DTYPES[n]:
+            raise MoBiECheckpointError(f"{filename}: tensor {stored_key(fqn, n)} has dtype {t.dtype}, expected "
+                                       f"{' or '.join(map(str, _DTYPES[n]))}")
+        if n in exp and tuple(t.shape) != exp[n]:
+            raise MoBiECheckpointError(f"{filename}: tensor {stored_key(fqn, n)} has shape {list(t.shape)}, "
+                                       f"expected {list(exp[n])} for {fqn} {list(shape)}")
+    kw = {k: v for k, v in data.items() if k not in ("qdata", "row_scale", "col_scale")}
+    return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw)
+
+
+def verify_checksums(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], filename: str,
+                     require_all: bool = True) -> None:
+    """crc32 of every tensor listed in the metadata; ``require_all``: every listed tensor must be present
+    (False for one shard of a sharded checkpoint, whose metadata lists the tensors of every shard)."""
+    sums = _json(metadata, "mobie_checksums", filename)
+    for k, t in tensors.items():
+        if k in sums and _crc(t) != sums[k]:
+            raise MoBiECheckpointError(f"{filename}: tensor {k} is corrupted (checksum mismatch)")
+    if require_all:
+        missing = sorted(set(sums) - set(tensors))
+        if missing:
+            raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} is missing (truncated or incomplete "
+                                       "checkpoint)")
+
+
+def unflatten_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                         filename: str = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """Inverse of :func:`flatten_state_dict` (after :func:`check_metadata` / :func:`verify_checksums`)."""
+    described = _json(metadata, "mobie_tensors", filename)
+    aliases = _json(metadata, "mobie_aliases", filename)
+    out = dict(tensors)
+    for fqn, desc in described.items():
+        mod, p = _split(fqn)
+        prefix = f"{mod}._{p}_" if mod else f"_{p}_"
+        data = {}
+        for n in list(desc["data"]) + [x for x in _DTYPES if x not in desc["data"]]:
+            k = prefix + n
+            if k in out:
+                data[n] = out.pop(k)
+        out[fqn] = build_tensor(fqn, desc, data, filename)
+    for k, src in aliases.items():
+        if src not in out:
+            raise MoBiECheckpointError(f"{filename}: tensor {src} (tied to {k}) is missing")
+        out[k] = out[src]
+    return out
+
+
+def _read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            check_metadata(metadata, path)
+            tensors = {}
+            for k in f.keys():
+                try:
+                    tensors[k] = f.get_tensor(k)
+                except (SafetensorError, RuntimeError, OSError) as e:
+                    raise MoBiECheckpointError(f"{path}: cannot read tensor {k} ({e}); the file is truncated or "
+                                               "corrupted") from None
+    except SafetensorError as e:
+        raise MoBiECheckpointError(f"{path}: not a readable safetensors file ({e}); truncated or corrupted") from None
+    return tensors, metadata
+
+
+def verify_file(path: str, require_all: bool = True) -> set[str]:
+    """Format and checksum of every tensor of a packed safetensors file; returns the keys it holds."""
+    tensors, meta = _read_tensors(path)
+    verify_checksums(tensors, meta, path, require_all=require_all)
+    return set(tensors)
+
+
+def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Load, validate and unflatten one packed safetensors file."""
+    tensors, metadata = _read_tensors(path)
+    verify_checksums(tensors, metadata, path)
+    return unflatten_state_dict(tensors, metadata, path)
+
+
+def save_quantized(model: nn.Module, save_directory: str) -> str:
+    """Write a packed model: ``config.json`` (with the ``"mobie"`` quantization config) + ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    from ..integrations.hf_quantizer import attach_quantizer
+
+    os.makedirs(save_directory, exist_ok=True)
+    if hasattr(model, "config"):
+        attach_quantizer(model)
+        model.config.save_pretrained(save_directory)
+    tensors, meta = flatten_state_dict(model.state_dict())
+    path = os.path.join(save_directory, WEIGHTS_NAME)
+    save_file(tensors, path, metadata=meta)
+    return path
+
+
+def load_quantized(save_directory: str, *, experts_implementation: str = "mobie") -> nn.Module:
+    """Rebuild a model written by :func:`save_quantized` (transformers model classes from ``config.json``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = os.path.join(save_directory, WEIGHTS_NAME)
+    if not os.path.exists(path):
+        raise MoBiECheckpointError(f"{path}: no such file")
+    state = read_checkpoint(path)
+    config = AutoConfig.from_pretrained(save_directory)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    load_state_dict_packed(model, state, path)
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
+    from ..integrations.hf_quantizer import attach_quantizer
+
+    attach_quantizer(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def load_state_dict_packed(model: nn.Module, state: Mapping[str, torch.Tensor], filename: str = "<checkpoint>") -> None:
+    """Load ``state`` into ``model``: packed entries replace their parameters, plain ones are copied."""
+    plain = {}
+    expected = set(model.state_dict().keys())
+    for k, v in state.items():
+        if k not in expected:
+            raise MoBiECheckpointError(f"{filename}: tensor {k} does not belong to {type(model).__name__}")
+        if isinstance(v, MoBiETensor):
+            mod_name, p = _split(k)
+            mod = model.get_submodule(mod_name)
+            old = getattr(mod, p)
+            if tuple(old.shape) != tuple(v.shape):
+                raise MoBiECheckpointError(f"{filename}: packed parameter {k} is {list(v.shape)}, the model expects "
+                                           f"{list(old.shape)}")
+            setattr(mod, p, nn.Parameter(v.to(old.device), requires_grad=False))
+        else:
+            plain[k] = v
+    missing = sorted(expected - set(state))
+    if missing:
+        raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} is missing from the checkpoint")
+    result = model.load_state_dict(plain, strict=False)
+    bad = [k for k in result.unexpected_keys]
+    if bad:
+        raise MoBiECheckpointError(f"{filename}: unexpected tensor {bad[0]}")
