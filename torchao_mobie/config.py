@@ -316,7 +316,7 @@ class MoBiEConfig(BinarizationConfig):
         backbone_dtype: stored width of the shared backbone: "int8" (one fp16 scale per row),
             "bfloat16", "float32", or "auto" (default): bfloat16 when the projection then stays within the
             bit budget, else int8. Budget: ``max_bits`` when set, else 1.5 all-inclusive bits per expert
-            weight for fine-grained layers (>= 16 experts) and 2.2 for coarse ones (packed experts <= 14% of bf16).
+            weight for fine-grained layers (>= 16 experts) and 3.0 for coarse ones (below BiLLM.s ~3.1-3.5; packed experts ~15% of bf16).
         gate_up_blocks: diagonal blocks of an output-side gate_up backbone (2 = separate gate and up
             backbones, half the cost); 1 = one backbone.
         rounds: binarize ↔ backbone-refit alternations (CEJD).
@@ -339,7 +339,7 @@ class MoBiEConfig(BinarizationConfig):
             its int8 backbone fits the bit budget (measured on mixtral-8e layer 0 alone: gap 0.067 with the
             output-side down_proj backbone, 0.039 with the input side), else the cheaper side.
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (backbone
-            dtype, number of salient columns); None = 1.5 on fine-grained layers (>= 16 experts), 2.2 on
+            dtype, number of salient columns); None = 1.5 on fine-grained layers (>= 16 experts), 3.0 on
             coarse ones. The cap is per model: down_proj gets what gate_up (2/3 of the weights) leaves.
 
     Defaults (rounds=2, refine=1, scale_rounds=3, percdamp=0.1, glas_lambda=0.5, nges_mu=1) were chosen
@@ -449,7 +449,7 @@ class MoBiEConfig(BinarizationConfig):
                 from .algorithms.nges import router_metric
 
                 G = router_metric(routers, mu=self.nges_mu, decay=self.nges_decay).to(W.device)
-        cap = self.max_bits if self.max_bits is not None else (1.5 if E >= 16 else 2.2)
+        cap = self.max_bits if self.max_bits is not None else (1.5 if E >= 16 else 3.0)
         side = self._side_for(E, m, n, cap) if self.cejd else "none"
         dtype = self._dtype_for(E, m, n, side, cap)
         if projection == "down_proj" and self.cejd:
