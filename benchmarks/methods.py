@@ -95,13 +95,31 @@ def main(argv=None):
     ap.add_argument("--eval-windows", type=int, default=300, help="test windows per corpus (0: whole split)")
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "ptb"])
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite <name>.md/.png from the rows already in <name>.json (no quantization)")
+    ap.add_argument("--compare-with", default=None, metavar="NAME:METHOD",
+                    help="with --report-only: also tabulate METHOD's seed-0 rows from NAME.json (e.g. baselines:mobie)")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of <name>.json for other models/methods/seeds (run models one at a time)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    out_json = RESULTS / f"{args.name}.json"
+    if args.report_only:
+        old = json.loads(out_json.read_text())
+        rows = old["rows"]
+        if args.compare_with:
+            name, method = args.compare_with.split(":")
+            models = {r["model"] for r in rows}
+            rows = rows + [r for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"]
+                           if r["method"] == method and r["seed"] == 0 and r["model"] in models]
+        summary = summarize(rows)
+        md = markdown(summary, " ; ".join(old.get("commands", [old["command"]])))
+        (RESULTS / f"{args.name}.md").write_text(md)
+        plot(summary, RESULTS / f"{args.name}.png")
+        print(md)
+        return
     models = args.models or [m for m in available() if ZOO[m].style != "micro"]
     command = "python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    out_json = RESULTS / f"{args.name}.json"
     rows, commands = [], [command]
     if args.append and out_json.exists():
         old = json.loads(out_json.read_text())
