@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 
 from torchao_mobie.config import MoBiEConfig, QuantContext
-from torchao_mobie.integrations.transformers import PROJECTIONS, experts_info, is_experts_module
-from torchao_mobie.storage import memory_report, pack_model
+from torchao_mobie.storage import binarize_experts_data_free, memory_report, pack_model
 from torchao_mobie.zoo import ZOO, available, load_zoo_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,20 +35,9 @@ def _stored_bits(b) -> int:
 
 def binarize_data_free(model, config: MoBiEConfig) -> tuple[dict, int]:
     """Fake-quant weights written into the model + ``{param fqn: parts}`` and the summed accounted bits."""
-    parts, bits = {}, 0
-    for fqn, m in model.named_modules():
-        if not is_experts_module(m):
-            continue
-        info = experts_info(m, fqn)
-        for p in PROJECTIONS:
-            W = info.weight(p).detach().float()
-            E, _, n = W.shape
-            res = config.quantize_experts(W, torch.eye(n).repeat(E, 1, 1),
-                                          context=QuantContext(name=f"{fqn}.{p}", projection=p, data_free=True))
-            info.set_weight(p, res.weight)
-            parts[f"{fqn}.{p}"] = res.parts
-            bits += _stored_bits(res.bits)
-    return parts, bits
+    res = binarize_experts_data_free(model, lambda W, H, name, p: config.quantize_experts(
+        W, H, context=QuantContext(name=name, projection=p, data_free=True)))
+    return {k: r.parts for k, r in res.items()}, sum(_stored_bits(r.bits) for r in res.values())
 
 
 def measure(name: str, config: MoBiEConfig, variant: str = "default") -> dict:

@@ -20,7 +20,6 @@ import torch
 
 import torchao_mobie.storage as S
 from torchao_mobie.algorithms import cejd as C
-from torchao_mobie.integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 
 IMPLS = ["eager", "batched_mm", "grouped_mm", "mobie"]
 RTOL_LOGITS = 1e-4  # max |Δ logits| / max |logits|
@@ -29,19 +28,9 @@ RTOL_LOGITS = 1e-4  # max |Δ logits| / max |logits|
 def _binarize(model, *, salient=2, backbone_dtype="int8", rounds=1):
     """Data-free CEJD on every experts projection: writes the fake-quant weight (as MoBiE does) and
     returns ``{param fqn: (parts, BitBudget)}``."""
-    out = {}
-    for fqn, m in model.named_modules():
-        if not is_experts_module(m):
-            continue
-        info = experts_info(m, fqn)
-        for p in PROJECTIONS:
-            W = info.weight(p).detach().float()
-            E, _, n = W.shape
-            res = C.cejd_quantize(W, torch.eye(n).repeat(E, 1, 1), backbone_dtype=backbone_dtype, rounds=rounds,
-                                  salient_cols=salient)
-            info.set_weight(p, res.weight)
-            out[f"{fqn}.{p}"] = (res.parts, res.bits)
-    return out
+    res = S.binarize_experts_data_free(model, lambda W, H, name, p: C.cejd_quantize(
+        W, H, backbone_dtype=backbone_dtype, rounds=rounds, salient_cols=salient))
+    return {k: (r.parts, r.bits) for k, r in res.items()}
 
 
 def _logits(model, ids, impl):

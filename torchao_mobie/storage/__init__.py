@@ -9,7 +9,7 @@
 
 from ..integrations import experts as _experts
 from ..integrations import hf_quantizer as _hf  # noqa: F401  (registers the "mobie" HF quantizer)
-from .convert import is_packed, pack_experts, pack_model, unpack_model
+from .convert import binarize_experts_data_free, is_packed, pack_experts, pack_model, unpack_model
 from .memory import MemoryReport, memory_report, tensor_bytes
 from .mobie_tensor import MoBiETensor
 from .packing import PACK_WIDTH, pack_signs, packed_length, unpack_bits, unpack_signs
@@ -29,6 +29,7 @@ __all__ = [
     "MoBiECheckpointError",
     "MoBiETensor",
     "PACK_WIDTH",
+    "binarize_experts_data_free",
     "is_packed",
     "load_quantized",
     "memory_report",

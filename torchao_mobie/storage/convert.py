@@ -7,16 +7,37 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..integrations.transformers import PROJECTIONS, is_experts_module
+from ..integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["PARTS_ATTR", "pack_experts", "pack_model", "is_packed", "unpack_model"]
+__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "pack_experts", "pack_model", "is_packed", "unpack_model"]
 
 # experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
 # representation (``BinarizedExperts.parts``); pack_model also reads ``record.parts`` of the records
 # left by torchao_mobie.api.
 PARTS_ATTR = "_mobie_parts"
 _RECORDS = "_mobie_records"
+
+
+def binarize_experts_data_free(model: nn.Module, quantize) -> dict:
+    """Binarize every experts projection with identity Hessians and write the fake-quant weights back.
+
+    ``quantize(W [E, out, in] fp32, H [E, in, in], fqn, projection)`` returns anything with a ``weight``;
+    the results are returned as ``{param fqn: result}``. Storage only depends on the weights, so this is
+    how memory is measured without calibration data.
+    """
+    out = {}
+    for fqn, m in model.named_modules():
+        if not is_experts_module(m):
+            continue
+        info = experts_info(m, fqn)
+        for p in PROJECTIONS:
+            W = info.weight(p).detach().float()
+            E, _, n = W.shape
+            res = quantize(W, torch.eye(n).repeat(E, 1, 1), f"{fqn}.{p}", p)
+            info.set_weight(p, res.weight)
+            out[f"{fqn}.{p}"] = res
+    return out
 
 
 def is_packed(model: nn.Module) -> bool:
