@@ -85,7 +85,7 @@ def main(argv=None):
     cfg = MoBiEConfig()
     # storage is set by backbone_dtype / gate_up_blocks / salient_cols; skip the refinement loops
     cfg = replace(cfg, glas=False, nges=False, rounds=1, **({"refine": 0} if hasattr(cfg, "refine") else {}))
-    variants = {"default": cfg, "int8-backbone": replace(cfg, backbone_dtype="int8")}
+    variants = {"default": cfg, "bf16-backbone": replace(cfg, backbone_dtype="bfloat16")}
     rows = []
     for n in names:
         for v, c in variants.items():
@@ -106,8 +106,9 @@ def main(argv=None):
              "row/column scales, second-plane bits, bitmap, bf16 backbone or int8 backbone + fp16 row scales) = the all-inclusive "
              "BitBudget + 32-bit word padding. Whole model: every parameter and persistent buffer (tied "
              "embeddings once), non-expert weights bf16.", "",
-             "Variants: `default` = MoBiEConfig() (backbone_dtype=\"auto\": bf16 backbone when the projection stays "
-             "under MoBiE's bit cap, else int8); `int8-backbone` = MoBiEConfig(backbone_dtype=\"int8\").", "",
+             "Variants: `default` = MoBiEConfig() (backbone_dtype=\"auto\" = int8 backbone with fp16 row scales; "
+             "bit cap 1.5 on fine-grained, 2.2 on coarse models); `bf16-backbone` = "
+             "MoBiEConfig(backbone_dtype=\"bfloat16\").", "",
              "| model | variant | style | experts bf16 MB | experts packed MB | ratio | bits/weight | target "
              "| model bf16 MB | model packed MB | model ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
