@@ -32,9 +32,31 @@ def test_zoo_model_is_a_real_language_model(name):
     assert ppl < unigram_perplexity(ids) / 5, (ppl, unigram_perplexity(ids))
 
 
-def test_unknown_or_missing_zoo_model():
+def test_unknown_or_missing_zoo_model(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not known"):
         zoo_path("gpt-5")
+    # held-out models are never committed: a missing one names the command that trains it
+    monkeypatch.setenv("MOBIE_HELDOUT_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="zoo.train --heldout heldout-mixtral-9m"):
+        zoo_path("heldout-mixtral-9m")
+
+
+def test_heldout_specs_are_the_published_peer_kind():
+    """The held-out models match the kind on which the published BiLLM/ARB-LLM code was measured
+    (design §11): ~9 M-parameter 8-expert top-2, ~12 M-parameter 32-expert top-8 at width ~0.4x hidden."""
+    from transformers import AutoModelForCausalLM
+
+    from torchao_mobie.zoo import HELDOUT
+
+    sizes = {}
+    for name, spec in HELDOUT.items():
+        cfg = spec.build_config()
+        with torch.device("meta"):
+            sizes[name] = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    assert 8.5e6 < sizes["heldout-mixtral-9m"] < 9.5e6
+    assert 11.5e6 < sizes["heldout-qwen3moe-12m"] < 12.5e6
+    q = HELDOUT["heldout-qwen3moe-12m"].build_config()
+    assert (q.num_experts, q.num_experts_per_tok) == (32, 8) and 0.35 < q.moe_intermediate_size / q.hidden_size < 0.45
 
 
 def test_training_is_deterministic(tmp_path):

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from .specs import DEFAULT_MODEL, ZOO
+from .specs import DEFAULT_MODEL, HELDOUT, ZOO
 
 ZOO_DIR = Path(__file__).resolve().parent / "models"
 
 
+def heldout_dir() -> Path:
+    """Where held-out models live (not committed): ``$MOBIE_HELDOUT_DIR`` or ~/.cache/torchao_mobie/heldout."""
+    env = os.environ.get("MOBIE_HELDOUT_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "torchao_mobie" / "heldout"
+
+
 def zoo_path(name: str) -> Path:
-    if name not in ZOO:
-        raise ValueError(f"zoo model {name!r} is not known; expected one of {sorted(ZOO)}")
-    p = ZOO_DIR / name
+    if name in HELDOUT:
+        p, how = heldout_dir() / name, f"python -m torchao_mobie.zoo.train --heldout {name}"
+    elif name in ZOO:
+        p, how = ZOO_DIR / name, f"python -m torchao_mobie.zoo.train {name}"
+    else:
+        raise ValueError(f"zoo model {name!r} is not known; expected one of {sorted(ZOO)} "
+                         f"(held-out: {sorted(HELDOUT)})")
     if not (p / "model.safetensors").is_file():
-        raise FileNotFoundError(f"zoo checkpoint {name!r} is missing at {p}; "
-                                f"train it with `python -m torchao_mobie.zoo.train {name}`")
+        raise FileNotFoundError(f"zoo checkpoint {name!r} is missing at {p}; train it with `{how}`")
     return p
 
 

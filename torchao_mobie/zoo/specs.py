@@ -64,3 +64,21 @@ ZOO: dict[str, ZooSpec] = {
 }
 
 DEFAULT_MODEL = "qwen3moe-32e"
+
+# Held-out models, trained like the zoo but larger (9-12 M parameters, 18-24 MB in bf16: too big to
+# commit). They are the "model of that kind" on which the published BiLLM / ARB-LLM code was measured
+# (design/paper_and_baselines.md §11), so ours can be checked against those gaps on equal terms.
+# ``python -m torchao_mobie.zoo.train --heldout NAME`` writes them under ``HELDOUT_DIR``.
+HELDOUT: dict[str, ZooSpec] = {
+    s.name: s
+    for s in [
+        ZooSpec("heldout-mixtral-9m", "mixtral", "coarse", dict(
+            hidden_size=256, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.01)),
+        ZooSpec("heldout-qwen3moe-12m", "qwen3_moe", "fine-grained", dict(
+            hidden_size=256, intermediate_size=1024, moe_intermediate_size=104, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
+            num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01)),
+    ]
+}

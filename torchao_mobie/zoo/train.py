@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..data import load_text
-from .specs import VOCAB_SIZE, ZOO, ZooSpec
+from .specs import HELDOUT, VOCAB_SIZE, ZOO, ZooSpec
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
@@ -93,7 +93,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
 
 
 def main(argv=None):
-    from .registry import ZOO_DIR
+    from .registry import ZOO_DIR, heldout_dir
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("names", nargs="*", help=f"zoo models to train (default with --all: {list(ZOO)})")
@@ -103,13 +103,18 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the spec's step count")
+    ap.add_argument("--heldout", action="store_true",
+                    help=f"train held-out models {list(HELDOUT)} into $MOBIE_HELDOUT_DIR (not committed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = list(ZOO) if args.all else args.names
-    unknown = [n for n in names if n not in ZOO]
+    specs = HELDOUT if args.heldout else ZOO
+    names = list(specs) if args.all else args.names
+    unknown = [n for n in names if n not in specs]
     if not names or unknown:
-        ap.error(f"name zoo models to train (known: {list(ZOO)}); unknown: {unknown}")
-    tok_dir = args.out / "_tokenizer"
+        ap.error(f"name {'held-out' if args.heldout else 'zoo'} models to train (known: {list(specs)}); "
+                 f"unknown: {unknown}")
+    out = heldout_dir() if args.heldout and args.out == ZOO_DIR else args.out
+    tok_dir = ZOO_DIR / "_tokenizer" if args.heldout else args.out / "_tokenizer"
     if (tok_dir / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
@@ -117,12 +122,12 @@ def main(argv=None):
     else:
         tokenizer = train_tokenizer(tok_dir, args.data_dir)
     for n in names:
-        spec = ZOO[n]
+        spec = specs[n]
         if args.steps is not None:
             import dataclasses
 
             spec = dataclasses.replace(spec, steps=args.steps)
-        train_model(spec, tokenizer, args.out / n, args.data_dir, args.seed)
+        train_model(spec, tokenizer, out / n, args.data_dir, args.seed)
 
 
 if __name__ == "__main__":
