@@ -17,3 +17,25 @@ def micro():
     from torchao_mobie.zoo import load_zoo_model
 
     return load_zoo_model("micro-qwen3moe")
+
+
+@pytest.fixture(scope="session")
+def mobie_checkpoint(tmp_path_factory):
+    """A packed MoBiE checkpoint of the micro model written by ``torchao-mobie quantize`` (4 x 64 WikiText-2
+    calibration tokens). Shared: copy it before changing anything in it."""
+    from torchao_mobie.cli import main
+
+    out = tmp_path_factory.mktemp("cli") / "micro-mobie"
+    main(["quantize", "--model", "micro-qwen3moe", "--method", "mobie", "--out", str(out), "--nsamples", "4",
+          "--seqlen", "64", "--device", "cpu"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def calib_text_file(tmp_path_factory):
+    """A small UTF-8 text file (about 10k tokens of WikiText-2 test) for fast ``--calib FILE`` runs."""
+    from torchao_mobie.data import load_text
+
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(load_text("wikitext2", "test")[:40_000], encoding="utf-8")
+    return p

@@ -67,6 +67,11 @@ _OBSERVER = "_mobie_observer"  # module attribute: the statistics collector inst
 _ROUTER_STATS = "_mobie_router_stats"  # experts-module attribute left by a calibrated convert
 _NAME = "_mobie_name"  # module attribute: fqn, for messages from torchao handlers
 _KIND = "_mobie_kind"  # nn.Linear attribute: its Scope kind; untagged linears (lm_head, gates) are refused
+_OBSERVED_WITH = "_mobie_observed_with"  # module attribute: {parameter name: config of step="observe"}
+#: ``model.config`` key listing the quantization runs applied to a model. Records live on modules and are
+#: lost by ``save_pretrained``; this entry is written to config.json, so a reloaded fake-quant checkpoint
+#: is still recognized as binarized.
+MARKER = "torchao_mobie"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +163,90 @@ def _check_not_binarized(module: nn.Module, params) -> None:
                 "is not supported: reload the full-precision weights to quantize with another config")
 
 
+def quantization_marker(model: nn.Module) -> list[dict]:
+    """The quantization runs recorded in ``model.config`` (``[]`` for a model never quantized)."""
+    entries = getattr(getattr(model, "config", None), MARKER, None)
+    return [dict(e) for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _mark_quantized(model: nn.Module, config: BinarizationConfig, storage: str = "fake-quant") -> None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return
+    entries = quantization_marker(model)
+    entries.append({"config": type(config).__name__, "scope": list(config.scope), "storage": storage})
+    setattr(cfg, MARKER, entries)
+
+
+def _check_not_packed(targets: list[tuple[str, nn.Module, tuple]]) -> None:
+    from .storage.mobie_tensor import MoBiETensor
+
+    for fqn, module, params in targets:
+        for p in params:
+            if isinstance(getattr(module, p, None), MoBiETensor):
+                raise RuntimeError(
+                    f"{fqn}.{p} holds packed 1-bit MoBiE weights (MoBiETensor): this model is already quantized; "
+                    "binarizing binary weights again is not supported: quantize the full-precision checkpoint")
+
+
+def _check_not_requantizing(model: nn.Module, targets: list[tuple[str, nn.Module, tuple]], config) -> None:
+    """Refuse packed weights and models whose config says they were binarized (records are not saved)."""
+    _check_not_packed(targets)
+    if any(getattr(m, _RECORDS, None) for m in model.modules()):
+        return  # in memory: the per-parameter records are exact (checked by _check_not_binarized)
+    scope = set(getattr(config, "scope", ()))
+    for e in quantization_marker(model):
+        if scope & set(e.get("scope", ())):
+            raise RuntimeError(
+                f"{type(model).__name__} is already quantized: its config has {MARKER}={[e]} (written when it was "
+                f"binarized by {e.get('config')}); binarizing binary weights again is not supported: quantize the "
+                "full-precision checkpoint")
+
+
+def _check_finite_weights(targets: list[tuple[str, nn.Module, tuple]]) -> None:
+    """Non-finite weights would silently turn into non-finite scales: name the parameter instead."""
+    for fqn, module, params in targets:
+        experts = is_experts_module(module)
+        for p in params:
+            w = getattr(module, p).detach()
+            chunks = w.unbind(0) if experts else (w,)  # per expert: bounded temporary memory
+            for i, c in enumerate(chunks):
+                if not bool(torch.isfinite(c).all()):
+                    n_bad = int((~torch.isfinite(w)).sum())
+                    where = f" (first in expert {i})" if experts else ""
+                    raise ValueError(
+                        f"{fqn}.{p} has {n_bad} non-finite values (NaN/Inf){where}; refusing to binarize it (the "
+                        "scales would become NaN): the checkpoint is corrupted or overflowed its dtype; reload or "
+                        "repair the weights")
+
+
+def _targets(experts: list[ExpertsInfo], linears: list[LinearInfo]) -> list[tuple[str, nn.Module, tuple]]:
+    return [(e.fqn, e.module, PROJECTIONS) for e in experts] + [(li.fqn, li.module, ("weight",)) for li in linears]
+
+
+def _config_diff(a, b) -> str:
+    if type(a) is not type(b):
+        return f"{type(a).__name__} vs {type(b).__name__}"
+    from dataclasses import fields
+
+    diffs = [f"{f.name}={getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in fields(a)
+             if f.compare and f.name != "step" and getattr(a, f.name) != getattr(b, f.name)]
+    return ", ".join(diffs)
+
+
+def _check_same_config(module: nn.Module, params, config) -> None:
+    """Observe and convert must use one config: the statistics were collected for the observed one."""
+    observed = getattr(module, _OBSERVED_WITH, {}) or {}
+    for p in params:
+        if p in observed:
+            diff = _config_diff(observed[p], config)
+            if diff:
+                raise ValueError(
+                    f"{_name(module)}.{p} was observed with {type(observed[p]).__name__} but step={config.step!r} got "
+                    f"{type(config).__name__} ({diff}); use one config for both steps: "
+                    "dataclasses.replace(config, step='observe') then config (step='convert')")
+
+
 # --------------------------------------------------------------------------------------------------
 # Binarizing one parameter (shared by both flows)
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +275,49 @@ def _finite_or_raise(t: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"binarizing {what} produced non-finite values; the weights were left unchanged")
 
 
+def _not_positive_definite(e: BaseException) -> bool:
+    msg = str(e).lower()
+    return isinstance(e, torch.linalg.LinAlgError) or "positive definite" in msg or "singular" in msg
+
+
+def _check_finite_hessian(h: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(h.reshape(h.shape[0], -1) if h.dim() == 3 else h.reshape(1, -1)).all(-1)
+    if bool(bad.any()):
+        which = f" of experts {bad.nonzero().flatten().tolist()}" if h.dim() == 3 else ""
+        raise FloatingPointError(
+            f"{name}: the calibration Hessian{which} has NaN/Inf entries: non-finite activations reached this "
+            "layer; check the calibration data and the weights of the layers before it")
+
+
+def _quantize_with_ridge_fallback(run, h: torch.Tensor, name: str, config: BinarizationConfig):
+    """``run(h)``; when the method finds ``h`` not positive definite even after its own damping, retry
+    once with ``h + mean(diag h)·I`` per matrix (a strong ridge: between calibrated and data-free), with
+    a warning. Sums of outer products are PSD, so this only happens for numerically degenerate inputs
+    (rank-deficient Hessians from repetitive calibration text, with a method that does not damp them
+    enough); failing the whole run there would waste every layer already done."""
+    try:
+        return run(h)
+    except (ValueError, RuntimeError) as e:
+        if not _not_positive_definite(e):
+            raise
+        first = e
+    diag = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    diag = torch.where(diag > 0, diag, torch.ones_like(diag))
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    ridge = h + (diag[..., None, None] if h.dim() == 3 else diag) * eye
+    logger.warning("%s: %s found the calibration Hessian not positive definite even after damping (%s); falling "
+                   "back to H + mean(diag H)·I for this parameter", name, type(config).__name__, first)
+    try:
+        return run(ridge)
+    except (ValueError, RuntimeError) as e:
+        if not _not_positive_definite(e):
+            raise
+        raise ValueError(
+            f"{name}: {type(config).__name__} cannot binarize this parameter: its calibration Hessian is not positive "
+            f"definite even after damping ({first}), nor after adding mean(diag H)·I ({e}). Use more (and more "
+            "varied) calibration samples or a larger percdamp") from e
+
+
 def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | None, config: BinarizationConfig,
                    name: str, router_stats: RouterInputStats | None = None, guided_hessian: torch.Tensor | None = None,
                    downstream_routers: list | None = None) -> BinarizationRecord:
@@ -199,7 +331,11 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
         ctx = QuantContext(name=name, projection=projection, token_counts=hess.counts,
                            fallback_experts=hess.fallback_experts, router_stats=router_stats,
                            guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []))
-    res = config.quantize_experts(w, h3d, context=ctx)
+    if hess is None:
+        res = config.quantize_experts(w, h3d, context=ctx)
+    else:
+        _check_finite_hessian(h3d, name)
+        res = _quantize_with_ridge_fallback(lambda h: config.quantize_experts(w, h, context=ctx), h3d, name, config)
     if not isinstance(res, BinarizedExperts):
         res = BinarizedExperts(*res)
     if tuple(res.weight.shape) != tuple(w.shape):
@@ -226,7 +362,12 @@ def _apply_linear(module: nn.Linear, hessian: torch.Tensor | None, config: Binar
     data_free = hessian is None
     if data_free:
         hessian = torch.eye(module.in_features, device=w.device)
-    res = config.quantize_linear(w, hessian, context=QuantContext(name=name, projection="weight", data_free=data_free))
+    ctx = QuantContext(name=name, projection="weight", data_free=data_free)
+    if data_free:
+        res = config.quantize_linear(w, hessian, context=ctx)
+    else:
+        _check_finite_hessian(hessian, name)
+        res = _quantize_with_ridge_fallback(lambda h: config.quantize_linear(w, h, context=ctx), hessian, name, config)
     if tuple(res.weight.shape) != tuple(w.shape):
         raise ValueError(f"{type(config).__name__}.quantize_linear returned {list(res.weight.shape)} for {name}, "
                          f"expected {list(w.shape)}")
@@ -276,6 +417,10 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
             f"got {name} ({type(module).__name__}); select modules with torchao_mobie.moe_experts_filter, "
             "torchao_mobie.quantize_ or FqnToConfig")
     _check_not_binarized(module, params)
+    _check_not_packed([(name, module, params)])
+    _check_same_config(module, params, config)
+    if config.step == "convert":
+        _check_finite_weights([(name, module, params)])
 
     observer = getattr(module, _OBSERVER, None)
     if config.step == "observe":
@@ -288,6 +433,8 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
                     observer.enable(p)
         elif observer is None:
             setattr(module, _OBSERVER, LinearStatsCollector(module, name).attach())
+        getattr(module, _OBSERVED_WITH, None) or setattr(module, _OBSERVED_WITH, {})
+        getattr(module, _OBSERVED_WITH).update({p: config for p in params})
         return module
 
     if info is None:
@@ -299,13 +446,11 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
             _warn_data_free(config, name)
             hessian = None
         _apply_linear(module, hessian, config, name)
+        _forget_observed(module, params)
         return module
 
     for p in params:
         if isinstance(observer, ExpertStatsCollector) and p in observer.projections:
-            if config.min_expert_tokens != observer.min_expert_tokens:
-                logger.warning("%s: min_expert_tokens=%d was fixed when observing; %d at convert is ignored",
-                               name, observer.min_expert_tokens, config.min_expert_tokens)
             hess = observer.finalize(p)
             log_fallback_summary(name, [hess.event])
             _apply_experts(info, p, hess, config, f"{name}.{p}", router_stats=observer.router_stats())
@@ -316,7 +461,18 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
         else:
             _warn_data_free(config, f"{name}.{p}")
             _apply_experts(info, p, None, config, f"{name}.{p}")
+        _forget_observed(module, (p,))
     return module
+
+
+def _forget_observed(module: nn.Module, params) -> None:
+    observed = getattr(module, _OBSERVED_WITH, None)
+    if observed is None:
+        return
+    for p in params:
+        observed.pop(p, None)
+    if not observed:
+        delattr(module, _OBSERVED_WITH)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +536,23 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
         raise TypeError(f"torchao_mobie.quantize_ expects a BinarizationConfig or FqnToConfig, got {type(config).__name__}")
     if filter_fn is _DEFAULT or filter_fn is None:
         filter_fn = scope_filter(model, config.scope)
+    # every check before the first module is touched (torchao converts module by module)
+    targets = []
+    for fqn, m in model.named_modules():
+        if filter_fn(m, fqn):
+            if is_experts_module(m):
+                targets.append((fqn, m, PROJECTIONS))
+            elif isinstance(m, nn.Linear):
+                targets.append((fqn, m, ("weight",)))
+    for _, m, params in targets:
+        _check_not_binarized(m, params)
+        _check_same_config(m, params, config)
+    _check_not_requantizing(model, targets, config)
+    if config.step == "convert":
+        _check_finite_weights(targets)
     ao_quantize_(model, config, filter_fn=filter_fn, device=device)
+    if config.step == "convert" and targets:
+        _mark_quantized(model, config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,8 +596,15 @@ def _as_batch(item, device) -> _Batch:
 
 def _calibration_batches(calibration, batch_size: int, device) -> list[_Batch]:
     if isinstance(calibration, torch.Tensor):
-        ids = calibration.unsqueeze(0) if calibration.dim() == 1 else calibration
-        items = list(ids.split(batch_size)) if ids.dim() == 2 else [ids]
+        if calibration.dim() != 2:
+            hint = (" (a token stream? cut it into samples with torchao_mobie.data.calibration_samples(ids, n_samples, "
+                    "seqlen), or pass ids[None] for one sequence)" if calibration.dim() == 1 else "")
+            raise ValueError(f"calibration must be a LongTensor [n_samples, seqlen] (2-D), got a {calibration.dim()}-D "
+                             f"tensor of shape {list(calibration.shape)}{hint}")
+        if calibration.shape[0] == 0 or calibration.shape[1] == 0:
+            raise ValueError(f"calibration is empty: a tensor of shape {list(calibration.shape)}; expected "
+                             "[n_samples, seqlen] with n_samples, seqlen >= 1")
+        items = list(calibration.split(batch_size))
     elif isinstance(calibration, Mapping):
         items = [calibration]
     elif isinstance(calibration, Iterable):
@@ -437,6 +616,26 @@ def _calibration_batches(calibration, batch_size: int, device) -> list[_Batch]:
     if not batches:
         raise ValueError("calibration is empty")
     return batches
+
+
+def _check_calibration(model: nn.Module, batches: list[_Batch]) -> None:
+    """Token ids the embedding cannot look up, or sequences longer than the model's positions, would
+    fail deep inside the forward (or silently extrapolate rotary positions): refuse them up front."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    cfg = getattr(model, "config", None)
+    vocab = getattr(emb, "num_embeddings", None) or getattr(cfg, "vocab_size", None)
+    max_pos = getattr(cfg, "max_position_embeddings", None)
+    for i, b in enumerate(batches):
+        ids = b.input_ids
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or (vocab is not None and hi >= vocab):
+            raise ValueError(
+                f"calibration batch {i}: token id {lo if lo < 0 else hi} is outside the model's vocabulary "
+                f"[0, {vocab}); were the samples tokenized with this model's tokenizer?")
+        if isinstance(max_pos, int) and ids.shape[1] > max_pos:
+            raise ValueError(
+                f"calibration batch {i}: sequences of {ids.shape[1]} tokens are longer than the model's context "
+                f"(config.max_position_embeddings={max_pos}); use seqlen <= {max_pos}")
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -451,6 +650,13 @@ def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: lis
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
 
+    def check(hs, where):
+        if isinstance(hs, torch.Tensor) and not bool(torch.isfinite(hs).all()):
+            raise FloatingPointError(
+                f"non-finite calibration activations (NaN/Inf) {where} on calibration batch {len(calls[0]) - 1}, "
+                "in the full-precision model (no weight was changed): check that layer's weights and the "
+                "calibration token ids")
+
     def make_hook(i):
         def hook(module, args, kwargs):
             if args:
@@ -461,10 +667,16 @@ def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: lis
             if i == 0:
                 hidden.append(hs)
             calls[i].append((rest, dict(kwargs)))
+            check(hs, f"entering {layout.layers[i].fqn}" + (" (the embedding output)" if i == 0 else
+                                                              f" (the output of {layout.layers[i - 1].fqn})"))
         return hook
+
+    def last_hook(module, args, output):
+        check(_layer_output(output), f"at the output of {layout.layers[-1].fqn}")
 
     handles = [layer.module.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(layout.layers)]
+    handles.append(layout.layers[-1].module.register_forward_hook(last_hook))
     try:
         base = _base_model(model)
         for b in batches:
@@ -584,6 +796,11 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
         batch_size: rows per batch when ``calibration`` is one tensor.
 
     Returns a :class:`QuantizationReport`.
+
+    Everything that can be checked before a weight changes is checked first (layout, earlier
+    binarization, finite weights, calibration dtype / shape / token ids / length, finite activations of
+    the full-precision forward), so bad input leaves the model as it was. A failure after that (a
+    Hessian that no damping fixes) leaves the layers before it binarized; the exception's note says so.
     """
     t0 = time.perf_counter()
     if not isinstance(config, BinarizationConfig):
@@ -597,29 +814,34 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     _tag_names(layout)
     scope = set(config.scope)
     experts, linears = _selected(layout, scope)
-    for e in experts:
-        _check_not_binarized(e.module, PROJECTIONS)
-    for li in linears:
-        _check_not_binarized(li.module, ("weight",))
+    targets = _targets(experts, linears)
+    for _, m, params in targets:
+        _check_not_binarized(m, params)
+    _check_not_requantizing(model, targets, config)
     for m in [e.module for e in experts] + [li.module for li in linears]:
         if getattr(m, _OBSERVER, None) is not None:
             raise RuntimeError(f"{_name(m)} has observers from step='observe'; finish that flow with step='convert' "
                                "instead of calling quantize_model")
+    _check_finite_weights(targets)
 
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = emb.weight.device if emb is not None else next(model.parameters()).device
     batches = _calibration_batches(calibration, batch_size, device)
+    _check_calibration(model, batches)
     report = QuantizationReport(config=type(config).__name__, calibration_tokens=sum(b.n_tokens for b in batches))
 
     was_training = model.training
     model.eval()
+    layer = None
     try:
+        # first: the full-precision forward also checks every layer's activations are finite, so bad
+        # calibration data or weights fail here, before any weight is changed
+        hidden, calls = _capture_layer_inputs(model, layout, batches)
         glas = None
         if getattr(config, "needs_gradients", False) and experts:
             from .calibration.gradients import compute_glas_weights
 
             glas = compute_glas_weights(model, experts, batches)
-        hidden, calls = _capture_layer_inputs(model, layout, batches)
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
@@ -630,8 +852,15 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             log_fallback_summary(layer.fqn, events)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]
+    except Exception as e:
+        if report.parameters and hasattr(e, "add_note"):
+            e.add_note(f"quantize_model stopped in {layer.fqn if layer is not None else '?'} after binarizing "
+                       f"{len(report.parameters)} parameters in place (last: {list(report.parameters)[-1]}): the "
+                       "model is partially quantized; reload the full-precision weights before retrying")
+        raise
     finally:
         model.train(was_training)
+    _mark_quantized(model, config)
     report.wall_time_s = time.perf_counter() - t0
     logger.info("%s", report.summary())
     return report

@@ -20,7 +20,7 @@ import torch
 
 from ..integrations.transformers import PROJECTIONS, ExpertsInfo, experts_call_args
 from .fallback import DEFAULT_MIN_EXPERT_TOKENS, FallbackEvent
-from .hessian import add_outer
+from .hessian import add_outer, check_finite_activations
 from .router import RouterInputStats
 from .routing import route_tokens
 
@@ -121,6 +121,7 @@ class ExpertStatsCollector:
         (token, slot) pair (GLAS extension point)."""
         info = self.experts
         x = hidden_states.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
+        check_finite_activations(x, info.fqn or "experts module")
         mask = self.token_mask
         if mask is not None:
             mask = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
@@ -192,8 +193,25 @@ class ExpertStatsCollector:
                 h[e] = self._down_all[e] / self.layer_tokens
         if projection == "down_proj":
             self._down_all.clear()
-        event = FallbackEvent(module=self.experts.fqn, projection=projection, experts=starved,
-                              token_counts=[int(counts[e]) for e in starved],
+        # Experts that got enough tokens but only all-zero inputs: their Hessian carries no information
+        # and GPTQ would zero the whole weight (every input column "dead"). Same fallback as starved
+        # experts for gate_up; down_proj has no pooled equivalent (see .fallback), so an identity at the
+        # scale of the other experts' Hessians (data-free for that expert).
+        notes = []
+        zero = [e for e in (h.diagonal(dim1=-2, dim2=-1).sum(-1) == 0).nonzero().flatten().tolist() if e not in starved]
+        if zero:
+            if projection == "gate_up_proj" and bool(self.layer_hessian().diagonal().sum() > 0):
+                fill, what = self.layer_hessian(), "the layer-level Hessian"
+            else:
+                live = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+                scale = float(live[live > 0].mean()) if bool((live > 0).any()) else 1.0
+                fill, what = scale * torch.eye(h.shape[-1], device=h.device), "an identity Hessian (data-free)"
+            for e in zero:
+                h[e] = fill
+            notes.append(f"experts {zero} received only all-zero {projection} inputs: they use {what}")
+        fallback = sorted(starved + zero)
+        event = FallbackEvent(module=self.experts.fqn, projection=projection, experts=fallback,
+                              token_counts=[int(counts[e]) for e in fallback],
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
-                              experts_total=self.experts.num_experts)
+                              experts_total=self.experts.num_experts, notes=notes)
         return ExpertHessians(hessian=h, counts=counts, event=event)

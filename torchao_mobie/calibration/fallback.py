@@ -52,7 +52,8 @@ def log_fallback_summary(where: str, events: list[FallbackEvent]) -> None:
     parts = []
     for ev in events:
         pairs = ", ".join(f"{e}:{n}" for e, n in zip(ev.experts, ev.token_counts))
-        parts.append(f"{ev.projection} {len(ev.experts)}/{ev.experts_total} experts (expert:tokens {pairs})")
+        parts.append(f"{ev.projection} {len(ev.experts)}/{ev.experts_total} experts (expert:tokens {pairs})"
+                     + "".join(f"; {n}" for n in ev.notes))
     ev0 = events[0]
     logger.warning(
         "%s: experts below min_expert_tokens=%d use the layer-level Hessian over all %d tokens entering the "

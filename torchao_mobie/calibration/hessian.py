@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HessianAccumulator", "add_outer"]
+__all__ = ["HessianAccumulator", "add_outer", "check_finite_activations"]
+
+
+def check_finite_activations(x: torch.Tensor, where: str) -> None:
+    """NaN/Inf inputs would poison every Hessian they touch (and then every scale): name the layer."""
+    if not bool(torch.isfinite(x).all()):
+        n = int((~torch.isfinite(x)).sum())
+        raise FloatingPointError(
+            f"{where}: {n} non-finite calibration activations (NaN/Inf) in its input; check the calibration token "
+            "ids and the weights of the layers before it (in half precision: an overflow, try float32)")
 
 
 def add_outer(acc: torch.Tensor, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:

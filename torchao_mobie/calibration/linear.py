@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, check_finite_activations
 
 __all__ = ["LinearStatsCollector"]
 
@@ -46,6 +46,7 @@ class LinearStatsCollector:
     def observe(self, x: torch.Tensor, *, row_weights: torch.Tensor | None = None) -> None:
         """Add the rows of ``x [..., in]``; ``row_weights`` is the GLAS extension point."""
         x = x.reshape(-1, self.hessian.dim).to(device=self.hessian.sum.device, dtype=torch.float32)
+        check_finite_activations(x, self.fqn or "linear layer")
         mask = self.token_mask
         if mask is not None and mask.numel() == x.shape[0]:
             keep = mask.reshape(-1).to(device=x.device, dtype=torch.bool)

@@ -118,6 +118,12 @@ def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
                          "Pass parts={'<experts fqn>.<projection>': parts} to pack a representation built elsewhere")
     if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(experts_implementation)
+    from ..api import MARKER, quantization_marker
+
+    entries = quantization_marker(model)
+    if entries and hasattr(model, "config"):
+        setattr(model.config, MARKER, [dict(e, storage="packed") if "routed_experts" in e.get("scope", ()) else e
+                                       for e in entries])
     if attach_hf_quantizer and hasattr(model, "config"):
         from ..integrations.hf_quantizer import attach_quantizer
 

@@ -31,6 +31,9 @@ class MemoryReport:
         ones; ``experts_padding_bytes`` is the difference due to 32-bit word rounding.
     model_bytes / model_bf16_bytes: every parameter and persistent buffer (shared tensors counted once);
         the bf16 figure counts every floating weight (packed ones by their logical size) at 2 bytes.
+    experts_sign_bytes / experts_scale_bytes / experts_backbone_bytes / experts_plain_bytes: the split of
+        ``experts_bytes`` into packed sign words and bitmaps, fp16 scales and means, shared backbones
+        (with their row scales), and expert weights that are not packed (full precision or fake-quant).
     """
 
     experts_bytes: int = 0
@@ -41,6 +44,25 @@ class MemoryReport:
     packed_parameters: int = 0
     model_bytes: int = 0
     model_bf16_bytes: int = 0
+    experts_sign_bytes: int = 0
+    experts_scale_bytes: int = 0
+    experts_backbone_bytes: int = 0
+    experts_plain_bytes: int = 0
+
+    @property
+    def rest_bytes(self) -> int:
+        """Everything but the expert weights (attention, routers, embeddings, norms), as stored."""
+        return self.model_bytes - self.experts_bytes
+
+    @property
+    def rest_bf16_bytes(self) -> int:
+        return self.model_bf16_bytes - self.experts_bf16_bytes
+
+    def components(self) -> dict[str, int]:
+        """Bytes per component as stored (they sum to ``model_bytes``)."""
+        return {"experts signs + bitmaps": self.experts_sign_bytes, "experts scales": self.experts_scale_bytes,
+                "experts backbone": self.experts_backbone_bytes, "experts (not packed)": self.experts_plain_bytes,
+                "rest of model": self.rest_bytes}
 
     @property
     def experts_ratio(self) -> float:
@@ -57,8 +79,14 @@ class MemoryReport:
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(experts_ratio=round(self.experts_ratio, 5), model_ratio=round(self.model_ratio, 5),
-                 experts_bits_per_weight=round(self.experts_bits_per_weight, 4))
+                 experts_bits_per_weight=round(self.experts_bits_per_weight, 4), rest_bytes=self.rest_bytes,
+                 rest_bf16_bytes=self.rest_bf16_bytes)
         return d
+
+
+# stored tensors of a MoBiETensor -> MemoryReport component (anything else counts as a scale)
+_COMPONENT = {"qdata": "experts_sign_bytes", "qdata2": "experts_sign_bytes", "salient": "experts_sign_bytes",
+              "backbone": "experts_backbone_bytes", "backbone_scale": "experts_backbone_bytes"}
 
 
 def memory_report(model: nn.Module) -> MemoryReport:
@@ -75,10 +103,14 @@ def memory_report(model: nn.Module) -> MemoryReport:
             r.experts_bf16_bytes += 2 * t.numel()
             r.experts_weights += t.numel()
             if isinstance(t, MoBiETensor):
+                for name, data in t.stored_tensors().items():
+                    field_name = _COMPONENT.get(name, "experts_scale_bytes")
+                    setattr(r, field_name, getattr(r, field_name) + data.numel() * data.element_size())
                 budget = budget + t.bit_budget()
                 r.experts_padding_bytes += t.padding_bits() / 8
                 r.packed_parameters += 1
             else:
+                r.experts_plain_bytes += tensor_bytes(t)
                 budget = budget + BitBudget(n_weights=t.numel(), param_bits=8 * tensor_bytes(t))
     stored = budget.sign_bits + budget.bitmap_bits + budget.group_bitmap_bits + budget.param_bits + budget.backbone_bits
     r.experts_budget_bytes = stored / 8
