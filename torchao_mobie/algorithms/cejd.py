@@ -60,13 +60,14 @@ def _sym(x):
     return 0.5 * (x + x.transpose(-1, -2))
 
 
-def layer_objective(W, What, H, G=None) -> torch.Tensor:
-    """``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)`` (G = identity when None), in float64."""
+def layer_objective(W, What, H, G=None, per_expert: bool = False) -> torch.Tensor:
+    """``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)`` (G = identity when None), in float64; ``[E]`` terms if ``per_expert``."""
     D = (W - What).double()
     DH = D @ H.double()
     if G is not None:
         D = G.double() @ D
-    return (D * DH).sum()
+    terms = (D * DH).sum((-2, -1))
+    return terms if per_expert else terms.sum()
 
 
 def quantize_backbone(M: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -197,7 +198,7 @@ def _factor(a, B, b, B2=None, b2=None):
     return a[:, :, None] * C
 
 
-def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-9, B2=None, b2=None, salient=None):
+def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-6, B2=None, b2=None, salient=None):
     """Closed-form alternating refit of row scales ``a`` then column scales ``b`` (and ``b2`` of the
     second plane on ``salient`` columns) on the factor objective ``tr(Gf Q Hf Qᵀ) − 2 tr(Qᵀ T)``."""
     E, m, n = B.shape
@@ -474,6 +475,7 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     for r in range(rounds):
         full = _blockdiag(bb)
         fm = factor_metrics(W, H, full, fside, G)
+        prev = None if B is None else (B, a, b, B2, b2)
         if B is None:
             a, b = _init_scales(fm.A)
             sal = select_salient(fm, salient_cols) if fside == "input" else None
@@ -483,6 +485,8 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         for _ in range(refine):
             B = refine_signs(B, a, b, fm, 2, B2 if sal is not None else None, b2)
             B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
+            B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, lambda Q: _obj(W, Q, full, fside, H, G, True))
         Q = _factor(a, B, b, B2 if sal is not None else None, b2)
         history.append(("binarize", float(_obj(W, Q, full, fside, H, G))))
         if side == "none":
@@ -494,7 +498,9 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         # store the backbone at its dtype, then refit the scales against the stored backbone
         stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
         fm = factor_metrics(W, H, _blockdiag(deq), side, G)
-        B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        prev = (B, a, b, B2, b2)
+        new = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        B, a, b, B2, b2 = _keep_better(prev, new, sal, lambda Q: _obj(W, Q, _blockdiag(deq), side, H, G, True))
         backbone = {"blocks": stored, "dtype": backbone_dtype, "scale": bscale, "side": side}
     two = sal is not None
     parts = {"side": side, "backbone": backbone, "sign": B.to(torch.int8), "row_scale": a.half(),
@@ -510,6 +516,28 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     return CEJDResult(What, bits, parts, history[-1][1], history)
 
 
-def _obj(W, Q, full, side, H, G):
+def _obj(W, Q, full, side, H, G, per_expert=False):
     What = full @ Q if side == "output" else Q @ full
-    return layer_objective(W, What, H, G)
+    return layer_objective(W, What, H, G, per_expert)
+
+
+def _keep_better(old, new, sal, objective):
+    """Per expert, the factor (signs and scales) with the lower layer objective, measured with the scales
+    rounded to their stored fp16 (an fp16 overflow counts as infinitely bad), so no step of the
+    alternation makes an expert worse: on experts with almost no calibration tokens the closed-form
+    refits are ill-conditioned and a fresh binarization can diverge."""
+    def score(f):
+        B, a, b, B2, b2 = f
+        Q = _factor(a.half().float(), B, b.half().float(), B2 if sal is not None else None,
+                    None if b2 is None else b2.half().float())
+        v = objective(Q)
+        return torch.where(torch.isfinite(v), v, torch.full_like(v, float("inf")))
+
+    take = score(new) <= score(old)  # [E]
+    out = []
+    for o, n in zip(old, new):
+        if o is None or n is None:
+            out.append(n)
+        else:
+            out.append(torch.where(take.view(-1, *([1] * (n.dim() - 1))), n, o))
+    return tuple(out)
