@@ -57,12 +57,17 @@ def summarize(rows: list[dict]) -> list[dict]:
         if peer is not None:
             s["published_code_gap"] = peer
             s["gap_vs_published"] = round(s["wikitext2_gap"] / peer, 3)
+    for s in out:  # the naive sign gap has no algorithmic freedom: its ratio measures the model's fragility
+        sign = next((o for o in out if o["model"] == s["model"] and o["method"] == "sign"), None)
+        if "gap_vs_published" in s and sign is not None and "gap_vs_published" in sign:
+            s["vs_published_per_fragility"] = round(s["gap_vs_published"] / sign["gap_vs_published"], 3)
     return out
 
 
 def markdown(summary: list[dict], command: str) -> str:
     cols = ["model", "method", "seeds", "paper_bits", "all_inclusive_bits", "wikitext2_gap", "wikitext2_gap_spread",
-            "ptb_gap", "gap_vs_billm", "published_code_gap", "gap_vs_published", "wikitext2_topk_kept",
+            "ptb_gap", "gap_vs_billm", "published_code_gap", "gap_vs_published", "vs_published_per_fragility",
+            "wikitext2_topk_kept",
             "ptb_topk_kept", "wikitext2_kl", "quant_seconds"]
     cols = [c for c in cols if any(c in s for s in summary)]
     lines = [f"Command: `{command}`", "", "gap = ln(PPL_q) - ln(PPL_fp) on the test split; bits per expert weight in "
