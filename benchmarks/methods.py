@@ -41,7 +41,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups[(r["model"], r["method"])].append(r)
     out = []
     for (model, method), rs in groups.items():
-        s = {"model": model, "method": method, "seeds": len(rs)}
+        s = {"model": model, "method": method, "calib": rs[0].get("calib", "wikitext2"), "seeds": len(rs)}
         for m in METRICS:
             vals = [r[m] for r in rs if m in r]
             if vals:
@@ -65,7 +65,7 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict], command: str) -> str:
-    cols = ["model", "method", "seeds", "paper_bits", "all_inclusive_bits", "wikitext2_gap", "wikitext2_gap_spread",
+    cols = ["model", "method", "calib", "seeds", "paper_bits", "all_inclusive_bits", "wikitext2_gap", "wikitext2_gap_spread",
             "ptb_gap", "gap_vs_billm", "published_code_gap", "gap_vs_published", "vs_published_per_fragility",
             "wikitext2_topk_kept",
             "ptb_topk_kept", "wikitext2_kl", "quant_seconds"]
