@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from torchao_mobie.cli import make_config
+from torchao_mobie.eval.plots import plot_gap_vs_bits
 from torchao_mobie.eval.report import compare_methods
 from torchao_mobie.zoo import ZOO, available
 
@@ -77,29 +78,6 @@ def markdown(summary: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = sorted({s["model"] for s in summary})
-    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for s in (s for s in summary if s["model"] == model):
-            ax.scatter(s["all_inclusive_bits"], s["wikitext2_gap"], s=40)
-            ax.annotate(s["method"], (s["all_inclusive_bits"], s["wikitext2_gap"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.set_title(model, fontsize=10)
-        ax.set_xlabel("all-inclusive bits / expert weight")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("WikiText-2 gap ln(PPL_q/PPL_fp)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", default="baselines", help="results file stem")
@@ -132,7 +110,7 @@ def main(argv=None):
         summary = summarize(rows)
         md = markdown(summary, " ; ".join(old.get("commands", [old["command"]])))
         (RESULTS / f"{args.name}.md").write_text(md)
-        plot(summary, RESULTS / f"{args.name}.png")
+        plot_gap_vs_bits(summary, RESULTS / f"{args.name}.png")
         print(md)
         return
     models = args.models or [m for m in available() if ZOO[m].style != "micro"]
@@ -155,7 +133,7 @@ def main(argv=None):
             print(f"[{model} seed {seed}] done", flush=True)
     md = markdown(summary, " ; ".join(commands))
     (RESULTS / f"{args.name}.md").write_text(md)
-    plot(summary, RESULTS / f"{args.name}.png")
+    plot_gap_vs_bits(summary, RESULTS / f"{args.name}.png")
     print(md)
 
 

@@ -145,3 +145,15 @@ def test_bench_memory_components_speed_and_plot(mobie_checkpoint, tmp_path, caps
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
     assert speed["experts_implementation"] == "mobie" and speed["device"] == "cpu"
     assert png.read_bytes()[:8] == PNG
+
+
+def test_demo_prints_table_and_writes_json_and_gap_vs_bits_plot(tmp_path, capsys):
+    js, png = tmp_path / "demo.json", tmp_path / "demo.png"
+    main(["demo", "--model", "micro-qwen3moe", "--methods", "sign", "billm", "--nsamples", "4", "--seqlen", "64",
+          "--eval-windows", "4", "--json", str(js), "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "wikitext2_gap" in out and "billm" in out
+    rows = json.loads(js.read_text())
+    assert [r["method"] for r in rows] == ["sign", "billm"]
+    assert rows[1]["wikitext2_gap"] < rows[0]["wikitext2_gap"]  # BiLLM beats the sign floor
+    assert png.read_bytes()[:8] == PNG

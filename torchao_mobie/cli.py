@@ -66,6 +66,10 @@ def cmd_demo(args):
           "bits: paper convention (sign planes + bitmaps) and all-inclusive (every stored bit).")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        from .eval.plots import plot_gap_vs_bits
+
+        print(f"wrote {plot_gap_vs_bits(rows, args.plot)}")
 
 
 def _has_mobie() -> bool:
@@ -628,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data-dir", default=None)
     d.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    d.add_argument("--plot", default=None, help="also write a PNG of the gap to full precision vs bits per method")
     d.set_defaults(fn=cmd_demo)
     z = sub.add_parser("zoo", help="list or train the reference zoo models")
     z.add_argument("action", choices=["list", "train"])

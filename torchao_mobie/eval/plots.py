@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["plot_expert_agreement", "plot_memory"]
+__all__ = ["plot_expert_agreement", "plot_gap_vs_bits", "plot_memory"]
 
 
 def _figure(size):
@@ -64,6 +64,28 @@ def plot_memory(report, path, title: str = "", stored_label: str = "as stored") 
     ax.set_ylim(0, max(report.model_bf16_bytes, report.model_bytes) * mb * 1.15)
     ax.set_title(title or "memory per component")
     fig.legend(loc="outside right upper", fontsize="small")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_gap_vs_bits(rows: list[dict], path, corpus: str = "wikitext2") -> Path:
+    """One panel per model: each method's gap ln(PPL_q/PPL_fp) against its all-inclusive bits per weight
+    (the trade-off the method tables are about; log scale since the sign floor is ~10x the others)."""
+    models = sorted({r["model"] for r in rows})
+    fig = _figure((4.5 * len(models), 3.8))
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models):
+        for r in (r for r in rows if r["model"] == model and r.get(f"{corpus}_gap") is not None):
+            x, y = r["all_inclusive_bits"], max(r[f"{corpus}_gap"], 1e-4)
+            ax.scatter(x, y, s=40)
+            ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("all-inclusive bits / expert weight")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{corpus} gap ln(PPL_q/PPL_fp)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
