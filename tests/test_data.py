@@ -74,3 +74,22 @@ def test_tokenize_corpus_roundtrip(micro):
     text = " = Robert Boulter = \n Robert Boulter is an English film actor ."
     ids = tokenize_corpus(text, tok)
     assert ids.dtype == torch.long and tok.decode(ids.tolist()) == text
+
+
+def test_tokenize_corpus_cache_follows_the_tokenization_pipeline():
+    """The in-memory cache returns copies, and a tokenizer that tokenizes differently never hits it."""
+    from transformers import AutoTokenizer
+
+    from torchao_mobie.data import tokenize_corpus
+    from torchao_mobie.zoo import zoo_path
+
+    text = "The tower is 324 metres tall, about the same height as an 81-storey building. " * 20
+    tok = AutoTokenizer.from_pretrained(zoo_path("micro-qwen3moe"))
+    a = tokenize_corpus(text, tok)
+    a[0] = -1  # a caller mutating its result must not poison the cache
+    b = tokenize_corpus(text, AutoTokenizer.from_pretrained(zoo_path("micro-qwen3moe")))
+    assert b[0] != -1 and torch.equal(b, tokenize_corpus(text, tok))
+    other = AutoTokenizer.from_pretrained(zoo_path("micro-qwen3moe"))
+    other.add_tokens(["tower"])
+    c = tokenize_corpus(text, other)
+    assert not torch.equal(c, b) and int(c.max()) >= len(tok)  # the added token is used, not the cached ids
