@@ -433,7 +433,8 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
                     observer.enable(p)
         elif observer is None:
             setattr(module, _OBSERVER, LinearStatsCollector(module, name).attach())
-        getattr(module, _OBSERVED_WITH, None) or setattr(module, _OBSERVED_WITH, {})
+        if getattr(module, _OBSERVED_WITH, None) is None:
+            setattr(module, _OBSERVED_WITH, {})
         getattr(module, _OBSERVED_WITH).update({p: config for p in params})
         return module
 

@@ -186,11 +186,9 @@ class ExpertStatsCollector:
         counts = self.counts.clone()
         h.div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
         starved = (counts < self.min_expert_tokens).nonzero().flatten().tolist()
+        layer_h = self.layer_hessian() if projection == "gate_up_proj" else None
         for e in starved:
-            if projection == "gate_up_proj":
-                h[e] = self.layer_hessian()
-            else:
-                h[e] = self._down_all[e] / self.layer_tokens
+            h[e] = layer_h if layer_h is not None else self._down_all[e] / self.layer_tokens
         if projection == "down_proj":
             self._down_all.clear()
         # Experts that got enough tokens but only all-zero inputs: their Hessian carries no information
@@ -200,8 +198,8 @@ class ExpertStatsCollector:
         notes = []
         zero = [e for e in (h.diagonal(dim1=-2, dim2=-1).sum(-1) == 0).nonzero().flatten().tolist() if e not in starved]
         if zero:
-            if projection == "gate_up_proj" and bool(self.layer_hessian().diagonal().sum() > 0):
-                fill, what = self.layer_hessian(), "the layer-level Hessian"
+            if layer_h is not None and bool(layer_h.diagonal().sum() > 0):
+                fill, what = layer_h, "the layer-level Hessian"
             else:
                 live = h.diagonal(dim1=-2, dim2=-1).mean(-1)
                 scale = float(live[live > 0].mean()) if bool((live > 0).any()) else 1.0
