@@ -113,6 +113,66 @@ def test_scale_refit_and_sign_refinement_do_not_increase_objective():
     assert f1 <= f0 + 1e-6 and f2 <= f1 + 1e-6
 
 
+def test_kronecker_preconditioned_backbone_refit_is_exact_in_few_iterations():
+    """The input-side backbone solve ``Σ_e K_e S H_e = R`` is preconditioned with the nearest Kronecker
+    product; with similar experts (CEJD's premise) a handful of CG steps reaches the exact solution, which
+    is computed here from the vectorized system."""
+    E, m, n = 4, 24, 10
+    W, H, _ = _problem(E, m, n, T=400)
+    H = H.mean(0, keepdim=True) * torch.tensor([1.0, 2.0, 0.5, 1.5])[:, None, None] + 0.01 * H
+    bb = C.init_backbone(W, H, "input")
+    fm = C.factor_metrics(W, H, bb[0], "input")
+    a, b = C._init_scales(fm.A)
+    B, b, _, _ = C.gptq_signs(fm.A, fm.Hf, a)
+    Q = a[:, :, None] * B * b[:, None, :]
+    Q64, W64, H64 = Q.double(), W.double(), C._sym(H).double()
+    K = Q64.transpose(-1, -2) @ Q64
+    op = sum(torch.kron(K[e].contiguous(), H64[e].t().contiguous()) for e in range(E))  # row-major vec(K S H) = (K ⊗ Hᵀ) vec(S)
+    rhs = (Q64.transpose(-1, -2) @ W64 @ H64).sum(0)
+    exact = torch.linalg.solve(op, rhs.reshape(-1)).reshape(n, n)
+    f_exact = float(C._obj(W64, Q64, exact, "input", H64, None))
+    nb = C.refit_backbone(W, H, Q, bb, "input", cg_iters=4, tol=0.0)
+    f_cg = float(C._obj(W, Q, nb[0], "input", H, None))
+    assert f_cg <= f_exact * (1 + 1e-4), (f_cg, f_exact)
+
+
+@pytest.mark.parametrize("left_metric", [False, True])
+def test_two_plane_scale_refit_is_stationary(left_metric):
+    """The column-scale solve gathers only the salient columns' second-plane scales (n + k unknowns);
+    at its result the objective's gradient in every column scale, first and second plane, vanishes."""
+    E, m, n, k = 3, 20, 12, 3
+    W, H, _ = _problem(E, m, n, T=300)
+    bb = C.init_backbone(W, H, "input")
+    G = None
+    if left_metric:
+        P = torch.randn(m, 2)
+        G = torch.eye(m) + P @ P.t()
+    fm = C.factor_metrics(W, H, bb[0], "input", G)
+    a, b = C._init_scales(fm.A)
+    sal = C.select_salient(fm, k)
+    B, b, B2, b2 = C.gptq_signs(fm.A, fm.Hf, a, None if G is None else fm.Gf.diagonal(dim1=-2, dim2=-1), 0.01, sal)
+    B, a, b, B2, b2 = C.refit_scales(B, a, b, fm, 1, B2=B2, b2=b2, salient=sal)
+    assert bool((b2[~sal] == 0).all())
+    a64, B64, B264, Hf, T = a.double(), B.double(), B2.double(), fm.Hf.double(), fm.T.double()
+    Gf = None if G is None else fm.Gf.double()
+    x = torch.cat([b, b2], -1).double().requires_grad_(True)
+    Q = a64[:, :, None] * (B64 * x[:, None, :n] + B264 * x[:, None, n:])
+    f = ((Q @ Hf if Gf is None else Gf @ Q @ Hf) * Q).sum() - 2 * (Q * T).sum()
+    (g,) = torch.autograd.grad(f, x)
+    scale = (x.detach().abs() * g.abs()).sum() + 1e-30
+    free = torch.cat([torch.ones_like(sal), sal], -1)
+    assert float(g[free].abs().max() * x.detach()[free].abs().mean()) < 1e-4 * float(f.detach().abs()), g[free]
+    assert float(scale) > 0
+
+
+def test_polish_against_the_stored_backbone_never_hurts():
+    W, H, _ = _problem(4, 24, 16)
+    kw = dict(side="input", backbone_dtype="int8", salient_cols=2, rounds=2, refine=1)
+    plain = C.cejd_quantize(W, H, polish=0, **kw).objective
+    polished = C.cejd_quantize(W, H, polish=1, **kw).objective
+    assert polished <= plain * (1 + 1e-4)
+
+
 def test_alternation_never_worsens_an_expert_with_almost_no_tokens():
     """An expert whose Hessian is ~1e-5 of the others' and has near-dead input directions (two routed
     tokens on top of a fallback) made the closed-form refits diverge (fp16 scales overflowed, NaN weights,

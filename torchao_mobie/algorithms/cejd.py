@@ -204,6 +204,12 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
     E, m, n = B.shape
     Hf, Gf, T = fm.Hf, fm.Gf, fm.T
     two = B2 is not None and salient is not None and bool(salient.any())
+    if two:
+        k = int(salient.sum(-1).max())
+        if bool((salient.sum(-1) != k).any()):
+            raise ValueError("refit_scales: every expert must have the same number of salient columns")
+        idx = salient.to(torch.int8).topk(k, -1, sorted=False).indices.sort(-1).values  # [E, k]
+        cidx = torch.cat([torch.arange(n).expand(E, n), idx], -1)  # [E, n + k]
     for _ in range(rounds):
         C = B * b[:, None, :] + (B2 * b2[:, None, :] if two else 0)
         CH = C @ Hf
@@ -217,10 +223,11 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
             K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(m, dtype=K.dtype)
             a = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
         P = B * a[:, :, None]
-        if two:
-            P = torch.cat([P, B2 * a[:, :, None]], -1)
-            Hx = Hf.repeat(1, 2, 2)
-            Tx = torch.cat([T, T], -1)
+        if two:  # unknowns: n first-plane column scales + the k second-plane scales of the salient columns
+            P = torch.cat([P, torch.gather(B2, 2, idx[:, None, :].expand(-1, m, -1)) * a[:, :, None]], -1)
+            Hx = torch.gather(torch.gather(Hf, 1, cidx[:, :, None].expand(-1, -1, n)), 2,
+                              cidx[:, None, :].expand(-1, cidx.shape[1], -1))
+            Tx = torch.gather(T, 2, cidx[:, None, :].expand(-1, m, -1))
         else:
             Hx, Tx = Hf, T
         PGP = P.transpose(-1, -2) @ P if Gf is None else P.transpose(-1, -2) @ Gf @ P
@@ -228,15 +235,10 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
         r = (P * Tx).sum(-2)
         nk = K.shape[-1]
         K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(nk, dtype=K.dtype)
-        if two:  # columns without a second plane: pin b2 = 0
-            off = torch.cat([torch.zeros_like(salient), ~salient], -1)
-            K = torch.where(off[:, :, None] | off[:, None, :], torch.zeros_like(K), K)
-            K = K + torch.diag_embed(off.to(K.dtype))
-            r = torch.where(off, torch.zeros_like(r), r)
         x = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
         b = x[:, :n]
         if two:
-            b2 = x[:, n:]
+            b2 = torch.zeros_like(b).scatter(1, idx, x[:, n:])
     # canonical form: non-negative scales (signs folded into the sign matrices)
     B = torch.where((b < 0)[:, None, :], -B, B)
     b = b.abs()
@@ -261,28 +263,30 @@ def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None
     Q = _factor(a, B, b, B2, b2)
     g = (Q @ Hf if Gf is None else Gf @ Q @ Hf) - T
     hd = Hf.diagonal(dim1=-2, dim2=-1)
-    gd = None if Gf is None else Gf.diagonal(dim1=-2, dim2=-1)
+    # curvature of a flip of entry (i, j): delta² · Gf_ii · Hf_jj
+    curv = hd[:, None, :] if Gf is None else Gf.diagonal(dim1=-2, dim2=-1)[:, :, None] * hd[:, None, :]
     for _ in range(sweeps):
         nflip = 0
+        # the change of entry (i, j) if flipped; column j of B only changes while column j is visited
+        Delta = 2 * a[:, :, None] * b[:, None, :] * B
         for s0 in range(0, n, block):
             s1 = min(n, s0 + block)
             D = torch.zeros(E, m, s1 - s0, dtype=B.dtype)
             gb = g[:, :, s0:s1].clone()
             for j in range(s0, s1):
                 jj = j - s0
-                q1 = a * b[:, j, None] * B[:, :, j]
-                delta = 2 * q1
-                d2 = delta * delta * (hd[:, j, None] if gd is None else gd * hd[:, j, None])
-                flip = (-2 * delta * gb[:, :, jj] + d2) < 0
-                dv = torch.where(flip, delta, torch.zeros_like(delta))
-                B[:, :, j] = torch.where(flip, -B[:, :, j], B[:, :, j])
+                delta = Delta[:, :, j]
+                dv = torch.where(delta * (delta * curv[:, :, j] - 2 * gb[:, :, jj]) < 0, delta, 0.0)
                 D[:, :, jj] = dv
                 if jj + 1 < s1 - s0:
-                    gdv = dv if Gf is None else (Gf @ dv.unsqueeze(-1)).squeeze(-1)
+                    # Gf is symmetric; a row-vector product is ~10x faster than a batched matvec on CPU
+                    gdv = dv if Gf is None else (dv.unsqueeze(1) @ Gf).squeeze(1)
                     gb[:, :, jj + 1:] -= gdv[:, :, None] * Hf[:, j, None, s0 + jj + 1:s1]
-            if not bool((D != 0).any()):
+            flipped = D != 0
+            if not bool(flipped.any()):
                 continue
-            nflip += int((D != 0).sum())
+            nflip += int(flipped.sum())
+            B[:, :, s0:s1] = torch.where(flipped, -B[:, :, s0:s1], B[:, :, s0:s1])
             GD = D if Gf is None else Gf @ D
             g -= GD @ Hf[:, s0:s1, :]
         if nflip == 0:
@@ -318,12 +322,15 @@ def _split(blocks: int, k: int):
     return [(i * sz, (i + 1) * sz) for i in range(blocks)]
 
 
-def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 60, ridge: float = 1e-8):
+def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 60, ridge: float = 1e-8,
+                   tol: float = 1e-3):
     """Least-squares backbone for fixed factors ``Q [E, m, n]`` on ``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)``.
 
     Output side: closed form per diagonal block ``M = (Σ W H Qᵀ)(Σ Q H Qᵀ)⁻¹`` (G cancels: M is
     unconstrained inside its block). Input side: ``Σ_e Q_eᵀ G Q_e S H_e = Σ_e Q_eᵀ G W_e H_e`` solved
-    by conjugate gradient warm-started at the current S (never increases the objective).
+    by conjugate gradient warm-started at the current S (never increases the objective), preconditioned
+    with the nearest Kronecker product of the operator (:func:`_kronecker_preconditioner`) and stopped
+    when a step gains less than ``tol`` of the decrease so far.
     """
     W64, H64, Q64 = W.double(), H.double(), Q.double()
     if side == "output":
@@ -344,17 +351,18 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
     trH = H64.diagonal(dim1=-2, dim2=-1).sum(-1)
     lam = ridge * float((trK * trH).sum()) / S.numel()
 
-    def op(X):
-        return (K @ X @ H64).sum(0) + lam * X
+    K32, H32 = K.float(), H64.float()
 
-    # Jacobi preconditioner: diag of the Kronecker operator = outer(diag K_e, diag H_e) summed
-    Pd = (K.diagonal(dim1=-2, dim2=-1)[:, :, None] * H64.diagonal(dim1=-2, dim2=-1)[:, None, :]).sum(0) + lam
+    def op(X):  # fp32 products (2x faster); the CG recursion and scalars stay fp64
+        return (K32 @ X.float() @ H32).sum(0).double() + lam * X
+
+    precond = _kronecker_preconditioner(K, H64, lam)
     X = S.clone()
     R = rhs - op(X)
-    Z = R / Pd
+    Z = precond(R)
     P = Z.clone()
     rz = (R * Z).sum()
-    r0 = float((R * R).sum().sqrt())
+    gained = 0.0
     for _ in range(cg_iters):
         AP = op(P)
         pap = (P * AP).sum()
@@ -363,13 +371,34 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
         alpha = rz / pap
         X = X + alpha * P
         R = R - alpha * AP
-        if float((R * R).sum().sqrt()) <= 1e-10 * max(r0, 1e-30):
+        step = float(alpha * rz)  # twice this step's decrease of the quadratic
+        gained += step
+        if step <= tol * gained:
             break
-        Z = R / Pd
+        Z = precond(R)
         rz_new = (R * Z).sum()
         P = Z + (rz_new / rz) * P
         rz = rz_new
     return X.unsqueeze(0).to(W.dtype)
+
+
+def _kronecker_preconditioner(K, H, lam):
+    """Inverse of the nearest Kronecker product ``K̄ ⊗ H̄ ≈ Σ_e K_e ⊗ H_e`` (a few alternating rank-1
+    steps of Van Loan's rearrangement), applied as ``R ↦ K̄⁻¹ R H̄⁻¹``. The experts' metrics are similar
+    (that is CEJD's premise), so this is close to the operator: on mixtral-8e gate_up, 10 iterations
+    reach the exact solution's objective where Jacobi-preconditioned CG needs over 60."""
+    Hb = H.mean(0)
+    for _ in range(3):
+        w = (H * Hb).sum((-2, -1)) / (Hb * Hb).sum().clamp_min(1e-300)
+        Kb = (w[:, None, None] * K).sum(0)
+        v = (K * Kb).sum((-2, -1)) / (Kb * Kb).sum().clamp_min(1e-300)
+        Hb = (v[:, None, None] * H).sum(0)
+    eye = torch.eye(Kb.shape[0], dtype=Kb.dtype)
+    hd = float(Hb.diagonal().mean().clamp_min(1e-300))
+    kd = float(Kb.diagonal().mean().clamp_min(1e-300))
+    Ki = torch.cholesky_inverse(torch.linalg.cholesky(Kb + (1e-6 * kd + lam / hd) * eye))
+    Hi = torch.cholesky_inverse(torch.linalg.cholesky(Hb + 1e-6 * hd * torch.eye(Hb.shape[0], dtype=Hb.dtype)))
+    return lambda R: Ki @ R @ Hi
 
 
 def init_backbone(W, H, side: str, blocks: int = 1):
@@ -439,7 +468,7 @@ def choose_side(m: int, n: int) -> str:
 def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dtype: str = "bfloat16",
                   G=None, rounds: int = 3, scale_rounds: int = 3, percdamp: float = 0.01,
                   cg_iters: int = 60, weights=None, salient_cols: int = 0, refine: int = 0,
-                  hdamp: float = 0.0) -> CEJDResult:
+                  polish: int = 0, hdamp: float = 0.0) -> CEJDResult:
     """Joint decomposition + binarization of one projection ``W [E, m, n]`` with Hessians ``H [E, n, n]``.
 
     side: "input" | "output" | None (auto: the cheaper side) | "none" (no backbone: the binary factor
@@ -449,7 +478,11 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     G ``[m, m]``: output metric (NGES); None = identity.
     rounds: binarize ↔ backbone-refit alternations.
     salient_cols: per expert, factor columns with a second binary plane (largest output-error energy).
-    refine: rounds of greedy sign coordinate descent (+ scale refit) after the GPTQ sign pass.
+    refine: rounds of greedy sign coordinate descent (+ scale refit) after the GPTQ sign pass of the
+        last alternation only: refining earlier anchors the backbone refit to those signs and lands in a
+        worse optimum (captured mixtral-8e gate_up layers: layer objective +19% on average).
+    polish: refinement rounds against the final stored backbone (after its rounding and refit), which
+        the factor has not seen yet (captured layers: -2% objective on qwen3moe-32e, -5% on mixtral-8e).
     hdamp: ridge added to every Hessian for all fits, ``H_e + hdamp·mean(diag H_e)·I`` (regularizes
         towards plain weight error; limits over-fitting the calibration tokens).
     """
@@ -482,9 +515,8 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         B, b, B2, b2 = gptq_signs(fm.A, fm.Hf, a, None if fm.Gf is None else fm.Gf.diagonal(dim1=-2, dim2=-1),
                                   percdamp, sal)
         B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
-        for _ in range(refine):
-            B = refine_signs(B, a, b, fm, 2, B2 if sal is not None else None, b2)
-            B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        if r == rounds - 1:  # refined signs in an earlier round anchor the backbone refit in a worse optimum
+            B, a, b, B2, b2 = _refine(B, a, b, B2, b2, sal, fm, refine, scale_rounds)
         if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
             B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, lambda Q: _obj(W, Q, full, fside, H, G, True))
         Q = _factor(a, B, b, B2 if sal is not None else None, b2)
@@ -499,7 +531,8 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
         fm = factor_metrics(W, H, _blockdiag(deq), side, G)
         prev = (B, a, b, B2, b2)
-        new = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        new = refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        new = _refine(*new, sal, fm, polish, scale_rounds)
         B, a, b, B2, b2 = _keep_better(prev, new, sal, lambda Q: _obj(W, Q, _blockdiag(deq), side, H, G, True))
         backbone = {"blocks": stored, "dtype": backbone_dtype, "scale": bscale, "side": side}
     two = sal is not None
@@ -514,6 +547,14 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
                      param_bits=FP16 * (E * (m + n) + n_sal),
                      backbone_bits=0 if backbone is None else backbone_bits(tuple(bb.shape), backbone_dtype))
     return CEJDResult(What, bits, parts, history[-1][1], history)
+
+
+def _refine(B, a, b, B2, b2, sal, fm, times: int, scale_rounds: int):
+    """``times`` rounds of greedy sign descent (two sweeps) each followed by a closed-form scale refit."""
+    for _ in range(times):
+        B = refine_signs(B, a, b, fm, 2, B2 if sal is not None else None, b2)
+        B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+    return B, a, b, B2, b2
 
 
 def _obj(W, Q, full, side, H, G, per_expert=False):
