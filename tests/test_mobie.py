@@ -113,6 +113,26 @@ def test_scale_refit_and_sign_refinement_do_not_increase_objective():
     assert f1 <= f0 + 1e-6 and f2 <= f1 + 1e-6
 
 
+def test_log8_scale_codes_round_trip():
+    from torchao_mobie.algorithms.scale_codes import decode_log8, encode_log8
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.exp(torch.randn(5, 40, generator=g) * 1.5)  # ratios up to ~e^9 within an expert
+    v[1, :3] = 0.0
+    v[2] = 0.0  # an expert without any scale (all second-plane slots unused)
+    v[3] = 0.7  # constant scales
+    codes, grid = encode_log8(v)
+    assert codes.dtype == torch.uint8 and grid.shape == (5, 2) and grid.dtype == torch.float16
+    out = decode_log8(codes, grid).float()
+    assert bool((out[v == 0] == 0).all()) and bool((codes[v == 0] == 0).all())
+    pos = v > 0
+    rel = (out[pos] / v[pos] - 1).abs()
+    assert float(rel.max()) < 0.03, float(rel.max())  # log2 range ~26 octaves / 254 steps -> < 3.6% / 2
+    assert float((out[3] / v[3] - 1).abs().max()) < 1e-3
+    with pytest.raises(ValueError, match="non-negative"):
+        encode_log8(-v)
+
+
 def test_kronecker_preconditioned_backbone_refit_is_exact_in_few_iterations():
     """The input-side backbone solve ``Σ_e K_e S H_e = R`` is preconditioned with the nearest Kronecker
     product; with similar experts (CEJD's premise) a handful of CG steps reaches the exact solution, which
@@ -198,7 +218,7 @@ def test_bits_accounting():
     assert b.n_weights == E * m * n
     assert b.sign_bits == E * m * n + E * 2 * m
     assert b.backbone_bits == n * n * 8 + n * 16  # int8 values + one fp16 scale per row
-    assert b.param_bits == 16 * (E * (m + n) + E * 2)
+    assert b.param_bits == 8 * (E * (m + n) + E * 2) + 16 * 6 * E  # 8-bit scale codes + per-expert (lo, step) x3
     assert b.bitmap_bits == E * n
     res16 = C.cejd_quantize(W, H, side="output", blocks=2, backbone_dtype="bfloat16", rounds=1)
     assert res16.bits.backbone_bits == 2 * (m // 2) ** 2 * 16

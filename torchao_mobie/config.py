@@ -271,13 +271,17 @@ class ARBLLMConfig(BinarizationConfig):
 
 
 def _mobie_bits_estimate(E, m, n, side, dtype) -> float:
-    """All-inclusive bits per weight of a CEJD projection without second planes: signs, fp16 row and
-    column scales, and the backbone (input side n×n, output side m×m) shared by E experts."""
+    """All-inclusive bits per weight of a CEJD projection without second planes: signs, 8-bit row and
+    column scale codes with their per-expert grid, and the backbone (input side n×n, output side m×m)
+    shared by E experts."""
+    from .algorithms.scale_codes import CODE_BITS, GRID_FP16_PER_EXPERT
+
+    scales = (CODE_BITS * (m + n) + 16 * GRID_FP16_PER_EXPERT) / (m * n)
     if side == "none":
-        return 1 + 16 * (m + n) / (m * n)
+        return 1 + scales
     k = m if side == "output" else n
     per = {"bfloat16": 16, "float32": 32, "int8": 8}[dtype]
-    return 1 + 16 * (m + n) / (m * n) + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
+    return 1 + scales + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
 
 
 # torchao's config (de)serialization only resolves classes from allow-listed modules.
@@ -360,7 +364,9 @@ class MoBiEConfig(BinarizationConfig):
         W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
         W_hat[e] = Q_e                                (side "none": cejd=False)
 
-    signs int8 ±1, fp16 scales, ``sign2``/``col_scale2`` None or zero outside the salient columns; the
+    signs int8 ±1; scales fp16, decoded from the stored 8-bit log codes (``row_code``, ``col_code``,
+    ``col_code2`` with the expert's ``scale_grid [3, 2]``: :mod:`torchao_mobie.algorithms.scale_codes`);
+    ``sign2``/``col_scale2`` None or zero outside the salient columns; the
     backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
     for int8, ``side``) is one object shared by every expert of the projection and counted once in
     ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
@@ -470,10 +476,10 @@ class MoBiEConfig(BinarizationConfig):
                   hdamp=self.hdamp if self.hdamp is not None else (1.0 if (E < 16 and side == "input") else 0.0))
         res = C.cejd_quantize(W, H, backbone_dtype=dtype, **kw)
         p = res.parts
-        parts = [{"side": p["side"], "backbone": p["backbone"], "sign": p["sign"][e], "row_scale": p["row_scale"][e],
-                  "col_scale": p["col_scale"][e],
-                  "sign2": None if p["sign2"] is None else p["sign2"][e],
-                  "col_scale2": None if p["col_scale2"] is None else p["col_scale2"][e]}
+        per_expert = ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "row_code", "col_code", "col_code2",
+                      "scale_grid")
+        parts = [{"side": p["side"], "backbone": p["backbone"],
+                  **{k: None if p[k] is None else p[k][e] for k in per_expert}}
                  for e in range(E)]
         return BinarizedExperts(res.weight, res.bits, parts)
 

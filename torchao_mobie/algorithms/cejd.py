@@ -19,7 +19,8 @@ For one projection of one MoE layer with experts ``W_e [m, n]`` and input Hessia
   then improved by greedy sign coordinate descent on ``f`` (:func:`refine_signs`), row/column scales are
   refit in closed form on ``f``, the backbone by least squares on ``f`` (output side closed form, input
   side conjugate gradient), alternating; finally the backbone is rounded to its stored dtype and the
-  scales refit against the stored backbone.
+  scales refit against the stored backbone and the factor polished against it; the scales are stored
+  as log-uniform 8-bit codes (:mod:`~torchao_mobie.algorithms.scale_codes`).
 
 Reconstruction (exact, documented; see :func:`reconstruct`)::
 
@@ -29,7 +30,9 @@ Reconstruction (exact, documented; see :func:`reconstruct`)::
     W_hat[e] = backbone @ Q_e   (side "output")      W_hat[e] = Q_e @ backbone   (side "input")
 
 with ``backbone`` the block-diagonal matrix of the stored blocks, dequantized from its stored dtype
-(bfloat16, or int8 with one fp16 scale per row: ``backbone = int8 * scale[:, None]``).
+(bfloat16, or int8 with one fp16 scale per row: ``backbone = int8 * scale[:, None]``), and the fp16
+scales decoded from their 8-bit codes (``row_code``, ``col_code``, ``col_code2`` and the per-expert
+``scale_grid [E, 3, 2]``, see :func:`~torchao_mobie.algorithms.scale_codes.decode_log8`).
 All computations are fp32/fp64 batched over experts.
 """
 
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from .result import BitBudget
+from .scale_codes import CODE_BITS, GRID_FP16_PER_EXPERT, decode_log8, encode_log8
 
 __all__ = ["CEJDResult", "cejd_quantize", "reconstruct", "backbone_matrix", "layer_objective", "factor_metrics",
            "init_backbone", "refit_backbone", "gptq_signs", "refine_signs", "refit_scales", "quantize_backbone",
@@ -536,15 +540,22 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         B, a, b, B2, b2 = _keep_better(prev, new, sal, lambda Q: _obj(W, Q, _blockdiag(deq), side, H, G, True))
         backbone = {"blocks": stored, "dtype": backbone_dtype, "scale": bscale, "side": side}
     two = sal is not None
-    parts = {"side": side, "backbone": backbone, "sign": B.to(torch.int8), "row_scale": a.half(),
-             "col_scale": b.half(),
-             "sign2": B2.to(torch.int8) if two else None, "col_scale2": b2.half() if two else None,
-             "salient": sal}
+    # scales are stored as log-uniform 8-bit codes (scale_codes); the parts carry the codes and the
+    # decoded fp16 values, which are what reconstruct() and the packed tensor compute with
+    row_code, g_row = encode_log8(a)
+    col_code, g_col = encode_log8(b)
+    col_code2, g_col2 = encode_log8(b2) if two else (None, torch.zeros(E, 2, dtype=torch.float16))
+    parts = {"side": side, "backbone": backbone, "sign": B.to(torch.int8), "row_scale": decode_log8(row_code, g_row),
+             "col_scale": decode_log8(col_code, g_col),
+             "sign2": B2.to(torch.int8) if two else None,
+             "col_scale2": decode_log8(col_code2, g_col2) if two else None,
+             "salient": sal, "row_code": row_code, "col_code": col_code, "col_code2": col_code2,
+             "scale_grid": torch.stack([g_row, g_col, g_col2], 1)}
     What = reconstruct(parts)
     history.append(("stored", float(layer_objective(W, What, H, G))))
     n_sal = int(sal.sum()) if two else 0
     bits = BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * n_sal, bitmap_bits=E * n if two else 0,
-                     param_bits=FP16 * (E * (m + n) + n_sal),
+                     param_bits=CODE_BITS * (E * (m + n) + n_sal) + FP16 * GRID_FP16_PER_EXPERT * E,
                      backbone_bits=0 if backbone is None else backbone_bits(tuple(bb.shape), backbone_dtype))
     return CEJDResult(What, bits, parts, history[-1][1], history)
 

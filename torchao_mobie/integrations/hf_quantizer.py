@@ -32,6 +32,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..storage.serialization import (
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     MoBiECheckpointError,
     build_tensor,
     check_metadata,
@@ -43,7 +44,7 @@ __all__ = ["MoBiEHfConfig", "MoBiEHfQuantizer", "attach_quantizer", "QUANT_METHO
 
 QUANT_METHOD = "mobie"
 _DATA_NAMES = ["qdata", "row_scale", "col_scale", "backbone", "backbone_scale", "qdata2", "col_scale2", "salient",
-               "mean"]
+               "mean", "scale_grid"]
 
 
 class MoBiEHfConfig(QuantizationConfigMixin):
@@ -60,9 +61,9 @@ class MoBiEHfConfig(QuantizationConfigMixin):
         self.format_version = int(format_version)
         self.experts_implementation = experts_implementation
         self.verify_checksums = bool(verify_checksums)
-        if self.format_version != FORMAT_VERSION:
+        if self.format_version not in READABLE_VERSIONS:
             raise MoBiECheckpointError(f"config.json: MoBiE format version {self.format_version} is not supported "
-                                       f"(this torchao_mobie reads version {FORMAT_VERSION})")
+                                       f"(this torchao_mobie reads versions {', '.join(map(str, READABLE_VERSIONS))})")
 
     def to_dict(self):
         return {"quant_method": self.quant_method, "format_version": self.format_version,

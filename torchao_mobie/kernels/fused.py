@@ -132,12 +132,13 @@ def fused_moe_binary(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
 
     def binary(w, inp, *, x_per_pair, gated, weights, reduce_out_dtype):
         s2 = salient_index_i32(w)
+        row_scale, col_scale, col_scale2 = w.scales()  # fp16 (decoded from 8-bit codes: vectors, not weights)
         if path == "gemv":
-            return ops.binary_moe_gemv(inp, ids, weights, w.qdata, w.row_scale, w.col_scale, w.mean, w.qdata2,
-                                       w.col_scale2, s2, k, x_per_pair, gated, weights is not None,
+            return ops.binary_moe_gemv(inp, ids, weights, w.qdata, row_scale, col_scale, w.mean, w.qdata2,
+                                       col_scale2, s2, k, x_per_pair, gated, weights is not None,
                                        reduce_out_dtype if weights is not None else torch.float32)
-        y = ops.binary_moe_gemm(inp, sorted_ids, block_expert, npad, weights, w.qdata, w.row_scale, w.col_scale,
-                                w.mean, w.qdata2, w.col_scale2, s2, P, k, x_per_pair, gated, GEMM_BLOCK_M,
+        y = ops.binary_moe_gemm(inp, sorted_ids, block_expert, npad, weights, w.qdata, row_scale, col_scale,
+                                w.mean, w.qdata2, col_scale2, s2, P, k, x_per_pair, gated, GEMM_BLOCK_M,
                                 torch.float32)
         if weights is not None:
             y = y.view(T, k, y.shape[-1]).sum(1).to(reduce_out_dtype)

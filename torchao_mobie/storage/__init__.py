@@ -15,6 +15,7 @@ from .mobie_tensor import MoBiETensor
 from .packing import PACK_WIDTH, pack_signs, packed_length, unpack_bits, unpack_signs
 from .serialization import (
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     MoBiECheckpointError,
     load_quantized,
     read_checkpoint,
@@ -25,6 +26,7 @@ _experts.register_experts_implementation()
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "MemoryReport",
     "MoBiECheckpointError",
     "MoBiETensor",

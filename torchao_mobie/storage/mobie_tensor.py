@@ -20,13 +20,15 @@ Tensor data (the only memory the tensor holds):
 name                  shape / dtype                    meaning
 ====================  ===============================  ===================================================
 qdata                 [E, m, ceil(n/32)] int32          signs, packed along ``in`` (the reduction dim)
-row_scale             [E, m] fp16                       per-row (output) scale
-col_scale             [E, n] fp16                       per-column (input) scale
+row_scale             [E, m] uint8 | fp16               per-row (output) scale: 8-bit log code (or fp16)
+col_scale             [E, n] uint8 | fp16               per-column (input) scale: 8-bit log code (or fp16)
+scale_grid (opt)      [E, 3, 2] fp16                    (lo, step) of the row / column / second-plane codes;
+                                                        present iff the scales are codes (decode_log8)
 backbone (opt)        [nb, k, k] bf16 | int8 | fp32     shared backbone blocks (k*nb = m or n)
 backbone_scale (opt)  [nb, k] fp16                      per-row scale of an int8 backbone
 qdata2 (opt)          [E, s, ceil(m/32)] int32          second-plane signs of the ``s`` salient columns,
                                                         packed along ``out`` (one column per row)
-col_scale2 (opt)      [E, s] fp16                       second-plane column scales (0 = padding slot)
+col_scale2 (opt)      [E, s] uint8 | fp16               second-plane column scales (0 = padding slot)
 salient (opt)         [E, ceil(n/32)] int32             packed bitmap of the salient columns
 mean (opt)            [E, m] fp16                       per-row mean added to the factor
 ====================  ===============================  ===================================================
@@ -49,6 +51,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 from ..algorithms.result import BitBudget
+from ..algorithms.scale_codes import decode_log8
 from .packing import pack_signs, packed_length, unpack_bits, unpack_signs
 
 __all__ = ["MoBiETensor", "SIDES"]
@@ -69,18 +72,19 @@ class MoBiETensor(TorchAOBaseTensor):
 
     tensor_data_names = ["qdata", "row_scale", "col_scale"]
     tensor_attribute_names = ["side", "dtype"]
-    optional_tensor_data_names = ["backbone", "backbone_scale", "qdata2", "col_scale2", "salient", "mean"]
+    optional_tensor_data_names = ["backbone", "backbone_scale", "qdata2", "col_scale2", "salient", "mean",
+                                  "scale_grid"]
     optional_tensor_attribute_names = ["transposed"]
 
     def __new__(cls, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
-                col_scale2=None, salient=None, mean=None, transposed=False):
+                col_scale2=None, salient=None, mean=None, scale_grid=None, transposed=False):
         E, m, n = row_scale.shape[0], row_scale.shape[1], col_scale.shape[1]
         shape = (E, n, m) if transposed else (E, m, n)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
                                                    requires_grad=False)
 
     def __init__(self, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
-                 col_scale2=None, salient=None, mean=None, transposed=False):
+                 col_scale2=None, salient=None, mean=None, scale_grid=None, transposed=False):
         super().__init__()
         self.transposed = bool(transposed)
         self.qdata = qdata
@@ -93,6 +97,7 @@ class MoBiETensor(TorchAOBaseTensor):
         self.col_scale2 = col_scale2
         self.salient = salient
         self.mean = mean
+        self.scale_grid = scale_grid
 
     def _quantization_type(self):
         nb = 0 if self.backbone is None else self.backbone.shape[0]
@@ -140,8 +145,22 @@ class MoBiETensor(TorchAOBaseTensor):
         if sign.dim() != 3:
             raise ValueError(f"MoBiE parts: sign must be [E, out, in], got {list(sign.shape)}")
         E, m, n = sign.shape
-        row_scale = _as_half(p["row_scale"], (E, m), "row_scale")
-        col_scale = _as_half(p["col_scale"], (E, n), "col_scale")
+        coded = p.get("scale_grid") is not None
+        if coded:
+            scale_grid = _checked(p["scale_grid"], (E, 3, 2), torch.float16, "scale_grid")
+            row_scale = _checked(p["row_code"], (E, m), torch.uint8, "row_code")
+            col_scale = _checked(p["col_code"], (E, n), torch.uint8, "col_code")
+            g = scale_grid
+            for key, codes, grid in (("row_scale", row_scale, g[:, 0]), ("col_scale", col_scale, g[:, 1])):
+                if p.get(key) is not None:  # the decoded values must be the codes' (else a silent mismatch)
+                    v = torch.as_tensor(p[key])
+                    if tuple(v.shape) != tuple(codes.shape) or not torch.equal(v.half(), decode_log8(codes, grid)):
+                        raise ValueError(f"MoBiE parts: {key} {list(v.shape)} does not match its 8-bit codes "
+                                         f"{list(codes.shape)} (pass the codes' decoded values or leave it out)")
+        else:
+            scale_grid = None
+            row_scale = _as_half(p["row_scale"], (E, m), "row_scale")
+            col_scale = _as_half(p["col_scale"], (E, n), "col_scale")
         qdata = pack_signs(sign)
         backbone = backbone_scale = None
         if bb is not None and side != "none":
@@ -174,11 +193,16 @@ class MoBiETensor(TorchAOBaseTensor):
             s2 = p["sign2"].gather(2, idx[:, None, :].expand(E, m, s))  # [E, m, s]
             s2 = torch.where(valid[:, None, :], s2, torch.ones_like(s2))
             qdata2 = pack_signs(s2.transpose(1, 2))  # [E, s, ceil(m/32)]
-            col_scale2 = torch.where(valid, c2.to(torch.float16).gather(1, idx), torch.zeros((), dtype=torch.float16))
+            if coded:
+                c2 = _checked(p["col_code2"], (E, n), torch.uint8, "col_code2")
+                col_scale2 = torch.where(valid, c2.gather(1, idx), torch.zeros((), dtype=torch.uint8))
+            else:
+                col_scale2 = torch.where(valid, c2.to(torch.float16).gather(1, idx),
+                                         torch.zeros((), dtype=torch.float16))
             salient = pack_signs(torch.where(sal, 1, -1))
         mean = None if p.get("mean") is None else _as_half(p["mean"], (E, m), "mean")
         return cls(qdata, row_scale, col_scale, side, dtype, backbone=backbone, backbone_scale=backbone_scale,
-                   qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean)
+                   qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean, scale_grid=scale_grid)
 
     # ------------------------------------------------------------------------------------------
     # reconstruction
@@ -199,6 +223,15 @@ class MoBiETensor(TorchAOBaseTensor):
 
     def _dims(self) -> tuple[int, int, int]:
         return self.num_experts, self.out_features, self.in_features
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """fp16 ``(row [E, m], column [E, n], second-plane column [E, s] or None)`` scales, decoded from
+        their 8-bit log codes when the tensor holds codes."""
+        if self.scale_grid is None:
+            return self.row_scale, self.col_scale, self.col_scale2
+        g = self.scale_grid
+        c2 = None if self.col_scale2 is None else decode_log8(self.col_scale2, g[:, 2])
+        return decode_log8(self.row_scale, g[:, 0]), decode_log8(self.col_scale, g[:, 1]), c2
 
     def salient_index(self) -> torch.Tensor | None:
         """``[E, s]`` int64 column indices of the second plane's slots (None without a second plane)."""
@@ -226,10 +259,11 @@ class MoBiETensor(TorchAOBaseTensor):
         def take(t):
             return t if experts is None else t[experts]
 
-        C = unpack_signs(take(self.qdata), n) * take(self.col_scale).float()[..., None, :]
+        row_scale, col_scale, col_scale2 = self.scales()
+        C = unpack_signs(take(self.qdata), n) * take(col_scale).float()[..., None, :]
         if self.qdata2 is not None:
             idx = take(self.salient_index())
-            c2 = take(self.col_scale2)
+            c2 = take(col_scale2)
             valid = c2 != 0
             s2 = unpack_signs(take(self.qdata2), m).transpose(-1, -2)  # [.., m, s]
             s2 = s2 * valid[..., None, :].float()
@@ -238,7 +272,7 @@ class MoBiETensor(TorchAOBaseTensor):
             full_c2 = torch.zeros(C.shape[:-2] + (n,), dtype=torch.float16, device=C.device)
             full_c2.scatter_(-1, idx, c2)
             C = C + full_s2 * full_c2.float()[..., None, :]
-        Q = take(self.row_scale).float()[..., :, None] * C
+        Q = take(row_scale).float()[..., :, None] * C
         if self.mean is not None:
             Q = Q + take(self.mean).float()[..., :, None]
         return Q[0] if single else Q
@@ -287,7 +321,9 @@ class MoBiETensor(TorchAOBaseTensor):
             if self.backbone_scale is not None:
                 bb_bits += self.backbone_scale.numel() * FP16_BITS
         extra_slots = 0 if self.qdata2 is None else self.col_scale2.numel() - n_sal
-        param = FP16_BITS * (E * (m + n) + n_sal + extra_slots + (E * m if self.mean is not None else 0))
+        scale_bits = self.row_scale.element_size() * 8
+        param = (scale_bits * (E * (m + n) + n_sal + extra_slots) + FP16_BITS * (E * m if self.mean is not None else 0)
+                 + (0 if self.scale_grid is None else FP16_BITS * self.scale_grid.numel()))
         return BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * (n_sal + extra_slots),
                          bitmap_bits=E * n if self.qdata2 is not None else 0, param_bits=param,
                          backbone_bits=bb_bits)
@@ -310,8 +346,9 @@ class MoBiETensor(TorchAOBaseTensor):
 
     def factor_mm(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32."""
+        row_scale, col_scale, col_scale2 = self.scales()
         return torch.ops.mobie.binary_factor_mm(
-            x.float(), expert_ids, self.qdata, self.row_scale, self.col_scale, self.qdata2, self.col_scale2,
+            x.float(), expert_ids, self.qdata, row_scale, col_scale, self.qdata2, col_scale2,
             self.salient, self.mean)
 
 
@@ -387,6 +424,13 @@ def _as_half(t, shape, what) -> torch.Tensor:
     return t.contiguous()
 
 
+def _checked(t, shape, dtype, what) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+        raise ValueError(f"MoBiE parts: {what} must be {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
+    return t.contiguous()
+
+
 def _stack_parts(parts) -> dict:
     if isinstance(parts, Mapping):
         p = dict(parts)
@@ -399,7 +443,8 @@ def _stack_parts(parts) -> dict:
     first = parts[0]
     out = {"side": first.get("side") or "none",
            "backbone": first.get("backbone", first.get("backbone_ref"))}
-    for key in ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "salient", "mean"):
+    for key in ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "salient", "mean", "row_code", "col_code",
+                "col_code2", "scale_grid"):
         vals = [pe.get(key) for pe in parts]
         if all(v is None for v in vals):
             continue

@@ -4,7 +4,7 @@ A packed parameter ``<module>.<param>`` is stored as plain tensors ``<module>._<
 (torchao's naming: ``model.layers.0.mlp.experts._gate_up_proj_qdata``) and described in the file's
 string metadata:
 
-* ``mobie_format`` = ``"mobie-packed"``, ``mobie_format_version`` = ``"1"`` (:data:`FORMAT_VERSION`);
+* ``mobie_format`` = ``"mobie-packed"``, ``mobie_format_version`` = ``"2"`` (:data:`FORMAT_VERSION`; version 1, with fp16 scales, is read too);
 * ``mobie_tensors``: JSON ``{param fqn: {"shape": [E, m, n], "dtype": "bfloat16", "side": "output",
   "data": [data names]}}``;
 * ``mobie_checksums``: JSON ``{stored key: crc32 of its bytes}`` for every tensor of the file;
@@ -27,11 +27,12 @@ from torch import nn
 from .mobie_tensor import MoBiETensor
 from .packing import packed_length
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MoBiECheckpointError", "flatten_state_dict", "unflatten_state_dict",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MoBiECheckpointError", "flatten_state_dict", "unflatten_state_dict",
            "save_quantized", "load_quantized", "read_checkpoint", "WEIGHTS_NAME"]
 
 FORMAT_NAME = "mobie-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: scales as 8-bit log codes + scale_grid; 1 (fp16 scales) is still read
+READABLE_VERSIONS = (1, 2)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -106,9 +107,9 @@ def check_metadata(metadata: Mapping[str, str] | None, filename: str) -> None:
     except ValueError:
         raise MoBiECheckpointError(f"{filename}: unreadable mobie_format_version "
                                    f"{metadata.get('mobie_format_version')!r}") from None
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise MoBiECheckpointError(f"{filename}: MoBiE packed format version {version} is not supported by this "
-                                   f"torchao_mobie (reads version {FORMAT_VERSION}); "
+                                   f"torchao_mobie (reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
                                    + ("upgrade torchao_mobie" if version > FORMAT_VERSION else "re-export the model"))
 
 
@@ -121,7 +122,8 @@ def _json(metadata, key, filename):
 
 def _expected_shapes(shape, side, names, t: dict) -> dict[str, tuple]:
     E, m, n = shape
-    exp = {"qdata": (E, m, packed_length(n)), "row_scale": (E, m), "col_scale": (E, n), "mean": (E, m)}
+    exp = {"qdata": (E, m, packed_length(n)), "row_scale": (E, m), "col_scale": (E, n), "mean": (E, m),
+           "scale_grid": (E, 3, 2)}
     if "col_scale2" in t:
         s = t["col_scale2"].shape[-1]
         exp.update(qdata2=(E, s, packed_length(m)), col_scale2=(E, s), salient=(E, packed_length(n)))
@@ -132,9 +134,10 @@ def _expected_shapes(shape, side, names, t: dict) -> dict[str, tuple]:
     return exp
 
 
-_DTYPES = {"qdata": (torch.int32,), "row_scale": (torch.float16,), "col_scale": (torch.float16,),
-           "qdata2": (torch.int32,), "col_scale2": (torch.float16,), "salient": (torch.int32,),
-           "mean": (torch.float16,), "backbone_scale": (torch.float16,),
+_SCALE = (torch.uint8, torch.float16)  # 8-bit log codes (format 2, with scale_grid) or fp16 (format 1)
+_DTYPES = {"qdata": (torch.int32,), "row_scale": _SCALE, "col_scale": _SCALE,
+           "qdata2": (torch.int32,), "col_scale2": _SCALE, "salient": (torch.int32,),
+           "mean": (torch.float16,), "backbone_scale": (torch.float16,), "scale_grid": (torch.float16,),
            "backbone": (torch.int8, torch.bfloat16, torch.float32, torch.float16)}
 
 
@@ -155,6 +158,12 @@ def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: 
         if n in exp and tuple(t.shape) != exp[n]:
             raise MoBiECheckpointError(f"{filename}: tensor {stored_key(fqn, n)} has shape {list(t.shape)}, "
                                        f"expected {list(exp[n])} for {fqn} {list(shape)}")
+    coded = [n for n in ("row_scale", "col_scale", "col_scale2") if n in data and data[n].dtype == torch.uint8]
+    if coded and "scale_grid" not in data:
+        raise MoBiECheckpointError(f"{filename}: {fqn} stores 8-bit scale codes ({', '.join(coded)}) without their "
+                                   f"scale_grid (truncated or inconsistent checkpoint)")
+    if "scale_grid" in data and len(coded) != len([n for n in ("row_scale", "col_scale", "col_scale2") if n in data]):
+        raise MoBiECheckpointError(f"{filename}: {fqn} mixes 8-bit scale codes and fp16 scales")
     kw = {k: v for k, v in data.items() if k not in ("qdata", "row_scale", "col_scale")}
     return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw)
 
