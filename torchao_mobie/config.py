@@ -331,7 +331,7 @@ class MoBiEConfig(BinarizationConfig):
         polish: refinement rounds against the final stored (int8-rounded, refit) backbone (captured
             layers: objective -2% on qwen3moe-32e, -5% on mixtral-8e, for ~+8% time).
         salient_cols: per expert, input-side factor columns with a second binary plane (largest
-            output-error energy); None = as many as the bit budget leaves (at most ``in_features // 4``;
+            output-error energy); None = as many as the bit budget leaves (at most ``in_features // 2``;
             0 on output-side factors).
         scale_rounds: closed-form row/column scale alternations per refit (1: every refinement round refits
             the scales again, so more alternations only cost time: captured layers within ±1%, -25% time).
@@ -488,7 +488,8 @@ class MoBiEConfig(BinarizationConfig):
 
         Side "auto": the input side (binary factor with GPTQ along the data's input directions and room
         for salient second planes) whenever its int8 backbone fits the budget, else the cheaper side.
-        Salient columns spend what the budget leaves (≈ 1/n bit per weight per column), at most n/4.
+        Salient columns spend what the budget leaves (≈ 1/n bit per weight per column), at most n/2
+        (qwen3moe-32e down_proj, seed 0: 16 / 24 / 32 columns of 64 give gap 0.0388 / 0.0341 / 0.0302).
         """
         if not self.cejd:
             side = "none"
@@ -505,7 +506,7 @@ class MoBiEConfig(BinarizationConfig):
         elif side == "output":
             sal = 0
         else:
-            sal = max(0, min(n // 4, int((cap - est - 0.02) * n)))
+            sal = max(0, min(n // 2, int((cap - est - 0.02) * n)))
         return side, dtype, sal, est + sal / n
 
     def binarize_matrix(self, W, H):
