@@ -164,6 +164,28 @@ def test_expert_hessians_equal_per_token_loop():
     assert col.layer_tokens == x_all.shape[0]
 
 
+def test_routing_weighted_hessians_weight_each_pair_by_its_squared_gate():
+    """MoBiE's route_weighted collector: ``Σ g²·x xᵀ / count`` per expert (the block-output error)."""
+    torch.manual_seed(0)
+    model = tiny_model("qwen3_moe", layers=1)
+    info = experts_of(model, 0)
+    E, k, T = info.num_experts, 2, 40
+    x = torch.randn(T, info.hidden_dim)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    g = torch.rand(T, k)
+    col = ExpertStatsCollector(info, ("gate_up_proj",), min_expert_tokens=1, routing_weighted=True).attach()
+    try:
+        col._hook(info.module, (x, idx, g), {})
+    finally:
+        col.detach()
+    h = col.finalize("gate_up_proj").hessian.double()
+    for e in range(E):
+        t, s = (idx == e).nonzero(as_tuple=True)
+        xe, we = x[t].double(), g[t, s].double() ** 2
+        ref = (xe * we[:, None]).t() @ xe / max(len(t), 1)
+        torch.testing.assert_close(h[e], ref, rtol=1e-5, atol=1e-6)
+
+
 def test_masked_tokens_and_out_of_range_experts_are_ignored():
     model = tiny_model("qwen3_moe", layers=1)
     info = experts_of(model, 0)

@@ -426,7 +426,8 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
     if config.step == "observe":
         if info is not None:
             if observer is None:
-                observer = ExpertStatsCollector(info, params, min_expert_tokens=config.min_expert_tokens).attach()
+                observer = ExpertStatsCollector(info, params, min_expert_tokens=config.min_expert_tokens,
+                                                routing_weighted=_routing_weighted(config)).attach()
                 setattr(module, _OBSERVER, observer)
             else:
                 for p in params:
@@ -734,13 +735,18 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
     return out
 
 
+def _routing_weighted(config) -> bool:
+    return bool(getattr(config, "route_weighted", False))
+
+
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None) -> None:
     experts = None
     guided = {}
     if stage.projections:
         experts = ExpertStatsCollector(layer.moe.experts, stage.projections,
-                                       min_expert_tokens=config.min_expert_tokens).attach()
+                                       min_expert_tokens=config.min_expert_tokens,
+                                       routing_weighted=_routing_weighted(config)).attach()
         if glas is not None:
             from .calibration.gradients import GLASCollector
 

@@ -58,7 +58,7 @@ class ExpertStatsCollector:
     """
 
     def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
-                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS):
+                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, routing_weighted: bool = False):
         for p in projections:
             if p not in PROJECTIONS:
                 raise ValueError(f"unknown projection {p!r}; expected one of {PROJECTIONS}")
@@ -66,6 +66,8 @@ class ExpertStatsCollector:
             raise ValueError(f"min_expert_tokens must be >= 1, got {min_expert_tokens}")
         self.experts = experts
         self.min_expert_tokens = int(min_expert_tokens)
+        self.routing_weighted = bool(routing_weighted)
+        self._pair_w_sum, self._pair_n = 0.0, 0
         self.device = experts.parameter("gate_up_proj").device
         e, h = experts.num_experts, experts.hidden_dim
         self.counts = torch.zeros(e, dtype=torch.int64, device=self.device)
@@ -108,6 +110,16 @@ class ExpertStatsCollector:
 
     def _hook(self, module, args, kwargs):
         hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
+        if self.routing_weighted and top_k_weights is not None:
+            # the MoE block output is Σ g_e·expert_e(x): an error of expert e on token t is scaled by g_te
+            w = top_k_weights.detach().float().reshape(top_k_index.shape) ** 2
+            if self.token_mask is not None:
+                w = w[self.token_mask.reshape(-1).to(w.device, torch.bool)]
+            self._pair_w_sum += float(w.sum())
+            self._pair_n += w.numel()
+            self.observe(hidden_states, top_k_index, top_k_weights,
+                         pair_weights=top_k_weights.detach().float().reshape(top_k_index.shape) ** 2)
+            return None
         self.observe(hidden_states, top_k_index, top_k_weights)
         return None
 
@@ -118,7 +130,8 @@ class ExpertStatsCollector:
                 top_k_weights: torch.Tensor | None = None, *, pair_weights: torch.Tensor | None = None) -> None:
         """Add one batch. ``top_k_weights`` is accepted for interface symmetry; Hessians are unweighted
         by routing probabilities (as BiLLM/ARB apply per expert); ``pair_weights [T, k]`` weights each
-        (token, slot) pair (GLAS extension point)."""
+        (token, slot) pair (GLAS extension point; a ``routing_weighted`` collector passes ``g²`` from its
+        hook, so each expert's Hessian measures its share of the MoE block's output error)."""
         info = self.experts
         x = hidden_states.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
         check_finite_activations(x, info.fqn or "experts module")
@@ -187,8 +200,10 @@ class ExpertStatsCollector:
         h.div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
         starved = (counts < self.min_expert_tokens).nonzero().flatten().tolist()
         layer_h = self.layer_hessian() if projection == "gate_up_proj" else None
+        # a routing-weighted collector's fallback is unweighted: bring it to the mean g² of the routed pairs
+        fb = (self._pair_w_sum / max(self._pair_n, 1)) if (self.routing_weighted and self._pair_n) else 1.0
         for e in starved:
-            h[e] = layer_h if layer_h is not None else self._down_all[e] / self.layer_tokens
+            h[e] = fb * (layer_h if layer_h is not None else self._down_all[e] / self.layer_tokens)
         if projection == "down_proj":
             self._down_all.clear()
         # Experts that got enough tokens but only all-zero inputs: their Hessian carries no information
