@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 METHODS = ("sign", "billm", "arb-rc", "arb-x")
-QUANT_METHODS = ("mobie", "billm", "arb", "arb-x", "arb-rc", "sign", "mobie-no-cejd", "mobie-no-glas", "mobie-no-nges")
+QUANT_METHODS = ("mobie", "billm", "arb", "arb-x", "arb-rc", "sign", "mobie-no-cejd", "mobie-no-glas", "mobie-no-nges",
+                 "mobie-no-route_weighted")
 PPL_CORPORA = ("wikitext2", "ptb")
 REPORT_NAME = "mobie_quantize.json"
 
@@ -41,7 +42,7 @@ def make_config(method: str, **kw):
     }
     if hasattr(C, "MoBiEConfig"):
         table["mobie"] = lambda: C.MoBiEConfig(**kw)
-        for part in ("cejd", "glas", "nges"):  # ablations: MoBiE with one component off
+        for part in ("cejd", "glas", "nges", "route_weighted"):  # ablations: MoBiE with one component off
             table[f"mobie-no-{part}"] = lambda part=part: C.MoBiEConfig(**{part: False}, **kw)
     if method not in table:
         raise SystemExit(f"error: --method {method!r} is not known; expected one of {sorted(table)}")
