@@ -335,9 +335,9 @@ class MoBiEConfig(BinarizationConfig):
             0 on output-side factors).
         route_weighted: weight each routed token of an expert's Hessian by its squared routing weight
             ``g²`` (``Σ g²·x xᵀ``): the MoE block output is ``Σ g_e·expert_e(x)``, so this is the block's
-            output error rather than the expert's own (BiLLM/ARB's per-expert convention). Seed 0:
-            qwen2moe-32e-shared gap 0.0205 vs 0.0235, qwen3moe-32e 0.0284 vs 0.0302, olmoe-32e 0.0218 vs
-            0.0247.
+            output error rather than the expert's own (BiLLM/ARB's per-expert convention). Seed 0
+            (benchmarks/results/ablation.md, on vs off): gap 0.0212 vs 0.0234 qwen2moe-32e-shared, 0.0293
+            vs 0.0302 qwen3moe-32e, 0.0215 vs 0.0247 olmoe-32e, 0.0337 vs 0.0351 mixtral-8e.
         scale_rounds: closed-form row/column scale alternations per refit (1: every refinement round refits
             the scales again, so more alternations only cost time: captured layers within ±1%, -25% time).
         glas_lambda: mixing weight of the gradient-weighted Hessian, in [0, 1].
