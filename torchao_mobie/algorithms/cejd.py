@@ -212,7 +212,7 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
         k = int(salient.sum(-1).max())
         if bool((salient.sum(-1) != k).any()):
             raise ValueError("refit_scales: every expert must have the same number of salient columns")
-        idx = salient.to(torch.int8).topk(k, -1, sorted=False).indices.sort(-1).values  # [E, k]
+        idx = salient.nonzero(as_tuple=True)[1].view(E, k)  # [E, k], ascending (row-major order)
         cidx = torch.cat([torch.arange(n).expand(E, n), idx], -1)  # [E, n + k]
     for _ in range(rounds):
         C = B * b[:, None, :] + (B2 * b2[:, None, :] if two else 0)

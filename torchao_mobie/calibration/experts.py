@@ -113,12 +113,10 @@ class ExpertStatsCollector:
         if self.routing_weighted and top_k_weights is not None:
             # the MoE block output is Σ g_e·expert_e(x): an error of expert e on token t is scaled by g_te
             w = top_k_weights.detach().float().reshape(top_k_index.shape) ** 2
-            if self.token_mask is not None:
-                w = w[self.token_mask.reshape(-1).to(w.device, torch.bool)]
-            self._pair_w_sum += float(w.sum())
-            self._pair_n += w.numel()
-            self.observe(hidden_states, top_k_index, top_k_weights,
-                         pair_weights=top_k_weights.detach().float().reshape(top_k_index.shape) ** 2)
+            kept = w if self.token_mask is None else w[self.token_mask.reshape(-1).to(w.device, torch.bool)]
+            self._pair_w_sum += float(kept.sum())
+            self._pair_n += kept.numel()
+            self.observe(hidden_states, top_k_index, top_k_weights, pair_weights=w)
             return None
         self.observe(hidden_states, top_k_index, top_k_weights)
         return None
