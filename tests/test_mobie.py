@@ -113,6 +113,22 @@ def test_scale_refit_and_sign_refinement_do_not_increase_objective():
     assert f1 <= f0 + 1e-6 and f2 <= f1 + 1e-6
 
 
+def test_sign_refinement_with_a_shared_left_metric_matches_the_per_expert_path():
+    """NGES's output metric is one matrix expanded over the experts; refine_signs multiplies by it once
+    per column for all experts. Same flips as with a materialized per-expert metric."""
+    W, H, _ = _problem(4, 24, 16)
+    P = torch.randn(24, 24, generator=torch.Generator().manual_seed(1)) / 24
+    G = torch.eye(24) + 5 * P @ P.t()
+    fm = C.factor_metrics(W, H, C.init_backbone(W, H, "input")[0], "input", G)
+    assert fm.Gf.stride(0) == 0
+    a, b = C._init_scales(fm.A)
+    B = torch.where(fm.A >= 0, 1.0, -1.0)
+    shared = C.refine_signs(B.clone(), a, b, fm, 2, block=8)
+    own = C.refine_signs(B.clone(), a, b, C.FactorMetrics(fm.Gf.contiguous(), fm.Hf, fm.T, fm.A), 2, block=8)
+    assert bool((shared != B).any())
+    assert torch.equal(shared, own)
+
+
 def test_log8_scale_codes_round_trip():
     from torchao_mobie.algorithms.scale_codes import decode_log8, encode_log8
 
@@ -291,9 +307,38 @@ def test_glas_weights_match_autograd():
         torch.testing.assert_close(dn[t, s], zd.grad.pow(2).mean(), rtol=1e-3, atol=1e-14)
 
 
+def test_glas_samples_limits_the_gradient_pass_to_the_leading_batches(monkeypatch):
+    """With ``glas_samples`` the gradient-weighted Hessians come from the first batches only: layer 0's
+    gate_up one equals that of a run calibrated on those batches alone (its inputs do not depend on the
+    others; down_proj's do, through the binarized gate_up)."""
+    from torchao_mobie.api import quantize_model
+    from torchao_mobie.zoo import load_zoo_model
+
+    seen = []
+    orig = MoBiEConfig.quantize_experts
+
+    def spy(self, W3d, H3d, *, context=None):
+        seen.append((context.name, context.projection, context.guided_hessian.clone()))
+        return orig(self, W3d, H3d, context=context)
+
+    monkeypatch.setattr(MoBiEConfig, "quantize_experts", spy)
+    ids = torch.randint(3, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for calib, cfg in ((ids, MoBiEConfig(glas_samples=2, rounds=1, refine=0, polish=0)),
+                       (ids[:2], MoBiEConfig(rounds=1, refine=0, polish=0)),
+                       (ids, MoBiEConfig(rounds=1, refine=0, polish=0))):
+        seen.clear()
+        quantize_model(load_zoo_model("micro-qwen3moe")[0], cfg, calib, progress=False, batch_size=2)
+        runs.append([h for name, proj, h in seen if ".layers.0." in name and proj == "gate_up_proj"])
+    sub, first_only, full = runs
+    assert len(sub) == 1
+    torch.testing.assert_close(sub[0], first_only[0])
+    assert not torch.allclose(sub[0], full[0])
+
+
 @pytest.mark.parametrize("field,value", [("backbone_dtype", "fp8"), ("gate_up_blocks", 0), ("glas_lambda", 1.5),
                                          ("nges_mu", -1.0), ("cejd", 1), ("rounds", 0), ("max_bits", 0.5),
-                                         ("salient_cols", -1), ("refine", -1)])
+                                         ("salient_cols", -1), ("refine", -1), ("glas_samples", 0)])
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"MoBiEConfig.{field}"):
         MoBiEConfig(**{field: value})

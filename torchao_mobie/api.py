@@ -647,8 +647,11 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[_Batch]):
-    """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it."""
+def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[_Batch], forward=None):
+    """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it.
+
+    ``forward()`` runs the model over ``batches`` (default: the base model, no LM head); GLAS passes its
+    gradient pass here so that one forward serves both."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
 
@@ -667,7 +670,7 @@ def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: lis
                 kwargs = dict(kwargs)
                 hs, rest = kwargs.pop("hidden_states"), ()
             if i == 0:
-                hidden.append(hs)
+                hidden.append(hs.detach())
             calls[i].append((rest, dict(kwargs)))
             check(hs, f"entering {layout.layers[i].fqn}" + (" (the embedding output)" if i == 0 else
                                                               f" (the output of {layout.layers[i - 1].fqn})"))
@@ -680,9 +683,10 @@ def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: lis
                for i, layer in enumerate(layout.layers)]
     handles.append(layout.layers[-1].module.register_forward_hook(last_hook))
     try:
-        base = _base_model(model)
-        for b in batches:
-            base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+        if forward is None:
+            _forward_batches(model, batches)
+        else:
+            forward()
     finally:
         for h in handles:
             h.remove()
@@ -690,6 +694,25 @@ def _capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: lis
         raise RuntimeError(f"{layout.model_class}: the decoder layers in {layout.layers_fqn} were not each called "
                            "once per calibration batch; cannot run the sequential pipeline on this model")
     return hidden, calls
+
+
+def _forward_batches(model: nn.Module, batches: list[_Batch]) -> None:
+    base = _base_model(model)
+    for b in batches:
+        base(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+
+
+def _glas_batches(config, batches: list[_Batch]) -> int:
+    """How many leading calibration batches get the GLAS backward pass (``glas_samples`` rows or more)."""
+    want = getattr(config, "glas_samples", None)
+    if want is None:
+        return len(batches)
+    rows = 0
+    for i, b in enumerate(batches):
+        rows += b.input_ids.shape[0]
+        if rows >= want:
+            return i + 1
+    return len(batches)
 
 
 def _layer_output(out):
@@ -758,8 +781,8 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
         for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
             for c in collectors:
                 c.token_mask = b.token_mask
-            for p, c in guided.items():
-                c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi)
+            for p, c in guided.items():  # None past the batches with gradients: the collector skips them
+                c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
             layer.module(h, *args, **kwargs)
     finally:
         for c in collectors:
@@ -843,12 +866,16 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     try:
         # first: the full-precision forward also checks every layer's activations are finite, so bad
         # calibration data or weights fail here, before any weight is changed
-        hidden, calls = _capture_layer_inputs(model, layout, batches)
-        glas = None
+        glas, forward = None, None
         if getattr(config, "needs_gradients", False) and experts:
             from .calibration.gradients import compute_glas_weights
 
-            glas = compute_glas_weights(model, experts, batches)
+            def forward():  # the GLAS pass is the capture forward of its batches
+                nonlocal glas
+                n = _glas_batches(config, batches)
+                glas = compute_glas_weights(model, experts, batches[:n])
+                _forward_batches(model, batches[n:])
+        hidden, calls = _capture_layer_inputs(model, layout, batches, forward)
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):

@@ -341,6 +341,9 @@ class MoBiEConfig(BinarizationConfig):
         scale_rounds: closed-form row/column scale alternations per refit (1: every refinement round refits
             the scales again, so more alternations only cost time: captured layers within ±1%, -25% time).
         glas_lambda: mixing weight of the gradient-weighted Hessian, in [0, 1].
+        glas_samples: calibration sequences that get the GLAS backward pass (rounded up to whole
+            calibration batches; the first ones); None = all. ``H_w`` is trace-normalized, so a subsample
+            estimates the same matrix; the backward pass is the largest single cost of MoBiE after CEJD.
         nges_mu: strength of the router-subspace penalty (0 disables the metric even with nges=True).
         nges_decay: weight of the router of layer l+1+d is ``nges_decay**d``.
         percdamp: damping of the factor Hessian in the GPTQ sign pass (default 0.1: measured better on
@@ -385,6 +388,7 @@ class MoBiEConfig(BinarizationConfig):
     rounds: int = 2
     scale_rounds: int = 1
     glas_lambda: float = 0.5
+    glas_samples: int | None = None
     nges_mu: float = 1.0
     nges_decay: float = 0.5
     refine: int = 2
@@ -416,6 +420,8 @@ class MoBiEConfig(BinarizationConfig):
             raise ValueError(f"{n}.hdamp must be None or a float >= 0, got {self.hdamp!r}")
         if self.salient_cols is not None:
             _check_int(n, "salient_cols", self.salient_cols, 0)
+        if self.glas_samples is not None:
+            _check_int(n, "glas_samples", self.glas_samples, 1)
         for f, lo, hi in (("glas_lambda", 0.0, 1.0), ("nges_decay", 0.0, 1.0)):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):

@@ -65,12 +65,13 @@ def _sym(x):
 
 
 def layer_objective(W, What, H, G=None, per_expert: bool = False) -> torch.Tensor:
-    """``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)`` (G = identity when None), in float64; ``[E]`` terms if ``per_expert``."""
-    D = (W - What).double()
-    DH = D @ H.double()
+    """``Σ_e tr(G ΔW_e H_e ΔW_eᵀ)`` (G = identity when None); ``[E]`` terms if ``per_expert``. Products in
+    fp32 (the error is formed first, so nothing cancels), sums in float64."""
+    D = (W - What).float()
+    DH = D @ H.float()
     if G is not None:
-        D = G.double() @ D
-    terms = (D * DH).sum((-2, -1))
+        D = G.float() @ D
+    terms = (D * DH).sum((-2, -1), dtype=torch.float64)
     return terms if per_expert else terms.sum()
 
 
@@ -269,6 +270,9 @@ def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None
     hd = Hf.diagonal(dim1=-2, dim2=-1)
     # curvature of a flip of entry (i, j): delta² · Gf_ii · Hf_jj
     curv = hd[:, None, :] if Gf is None else Gf.diagonal(dim1=-2, dim2=-1)[:, :, None] * hd[:, None, :]
+    # the left metric is one matrix shared by every expert (factor_metrics expands it): one [E, m] @ [m, m]
+    # product per column reads it once instead of once per expert
+    G1 = Gf[0] if Gf is not None and Gf.stride(0) == 0 else None
     for _ in range(sweeps):
         nflip = 0
         # the change of entry (i, j) if flipped; column j of B only changes while column j is visited
@@ -284,7 +288,7 @@ def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None
                 D[:, :, jj] = dv
                 if jj + 1 < s1 - s0:
                     # Gf is symmetric; a row-vector product is ~10x faster than a batched matvec on CPU
-                    gdv = dv if Gf is None else (dv.unsqueeze(1) @ Gf).squeeze(1)
+                    gdv = dv if Gf is None else (dv @ G1 if G1 is not None else (dv.unsqueeze(1) @ Gf).squeeze(1))
                     gb[:, :, jj + 1:] -= gdv[:, :, None] * Hf[:, j, None, s0 + jj + 1:s1]
             flipped = D != 0
             if not bool(flipped.any()):

@@ -40,6 +40,10 @@ class GLASWeights:
     gate_up: dict
     down: dict
 
+    @property
+    def n_batches(self) -> int:
+        return len(next(iter(self.index.values()), []))
+
     def batch(self, fqn: str, projection: str, b: int):
         src = self.gate_up if projection == "gate_up_proj" else self.down
         return self.index[fqn][b], src[fqn][b]
@@ -163,12 +167,15 @@ def match_pair_weights(top_k_index: torch.Tensor, fp_index: torch.Tensor, fp_wei
 class GLASCollector(ExpertStatsCollector):
     """Expert statistics weighted per routed pair by GLAS weights (``Σ w·x xᵀ``).
 
-    Before each batch the caller sets ``fp_routing = (fp_index [T, k], fp_weights [T, k])``.
+    Before each batch the caller sets ``fp_routing = (fp_index [T, k], fp_weights [T, k])``, or None for
+    a batch without gradients (``glas_samples``), which is then not observed.
     """
 
     fp_routing: tuple | None = None
 
     def _hook(self, module, args, kwargs):
+        if self.fp_routing is None:
+            return None
         hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
         fp_index, fp_w = self.fp_routing
         w = match_pair_weights(top_k_index.cpu(), fp_index, fp_w).to(self.device)
