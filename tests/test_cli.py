@@ -157,3 +157,15 @@ def test_demo_prints_table_and_writes_json_and_gap_vs_bits_plot(tmp_path, capsys
     assert [r["method"] for r in rows] == ["sign", "billm"]
     assert rows[1]["wikitext2_gap"] < rows[0]["wikitext2_gap"]  # BiLLM beats the sign floor
     assert png.read_bytes()[:8] == PNG
+
+
+def test_method_spec_sets_config_fields_and_names_bad_ones():
+    from torchao_mobie.cli import make_config
+
+    cfg = make_config("mobie:rounds=1,glas_samples=8,side=input")
+    assert (cfg.rounds, cfg.glas_samples, cfg.side) == (1, 8, "input")
+    assert make_config("billm").__class__.__name__ == "BiLLMConfig"
+    for bad, says in (("mobie:nosuch=1", "nosuch"), ("mobie:rounds", "not key=value"), ("mobie:rounds=0", "rounds"),
+                      ("nosuch:rounds=1", "not known")):
+        with pytest.raises(SystemExit, match=says):
+            make_config(bad)

@@ -30,8 +30,22 @@ class CLIError(Exception):
 
 
 def make_config(method: str, **kw):
-    """The config object for a method name used on the command line."""
+    """The config object for a method name used on the command line; ``name:key=value,...`` sets config
+    fields (values as Python literals), e.g. ``mobie:rounds=1,glas_samples=8``."""
+    import ast
+
     from . import config as C
+
+    if ":" in method:
+        method, _, spec = method.partition(":")
+        for item in filter(None, spec.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise SystemExit(f"error: method spec {item!r} in {method}:{spec} is not key=value")
+            try:
+                kw[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                kw[key.strip()] = value.strip()  # a bare word: a string field (e.g. side=input)
 
     table = {
         "sign": lambda: C.SignBinaryConfig(**kw),
@@ -46,7 +60,10 @@ def make_config(method: str, **kw):
             table[f"mobie-no-{part}"] = lambda part=part: C.MoBiEConfig(**{part: False}, **kw)
     if method not in table:
         raise SystemExit(f"error: --method {method!r} is not known; expected one of {sorted(table)}")
-    return table[method]()
+    try:
+        return table[method]()
+    except (TypeError, ValueError) as e:  # an unknown field name, or a value the config rejects
+        raise SystemExit(f"error: --method {method}: {e}") from None
 
 
 def cmd_demo(args):

@@ -279,17 +279,22 @@ def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None
         Delta = 2 * a[:, :, None] * b[:, None, :] * B
         for s0 in range(0, n, block):
             s1 = min(n, s0 + block)
-            D = torch.zeros(E, m, s1 - s0, dtype=B.dtype)
-            gb = g[:, :, s0:s1].clone()
-            for j in range(s0, s1):
-                jj = j - s0
-                delta = Delta[:, :, j]
-                dv = torch.where(delta * (delta * curv[:, :, j] - 2 * gb[:, :, jj]) < 0, delta, 0.0)
-                D[:, :, jj] = dv
-                if jj + 1 < s1 - s0:
+            w = s1 - s0
+            # flipping (i, j) lowers f iff delta·g > delta²·curv / 2, with g the gradient as of column j's
+            # turn; the right side is fixed for the block, so it is formed at once. Columns are rows of
+            # transposed [E, w, m] copies (contiguous per column: 20-35% faster than strided columns)
+            D = Delta[:, :, s0:s1].transpose(1, 2).contiguous()
+            lim = (D * D * curv[:, :, s0:s1].transpose(1, 2)).mul_(0.5)
+            gb = g[:, :, s0:s1].transpose(1, 2).contiguous()
+            Hb = Hf[:, s0:s1, s0:s1]
+            for jj in range(w):
+                dv = D[:, jj]
+                dv.mul_(dv * gb[:, jj] > lim[:, jj])  # D[:, jj] becomes the accepted change of column j
+                if jj + 1 < w:
                     # Gf is symmetric; a row-vector product is ~10x faster than a batched matvec on CPU
                     gdv = dv if Gf is None else (dv @ G1 if G1 is not None else (dv.unsqueeze(1) @ Gf).squeeze(1))
-                    gb[:, :, jj + 1:] -= gdv[:, :, None] * Hf[:, j, None, s0 + jj + 1:s1]
+                    gb[:, jj + 1:] -= Hb[:, jj + 1:, jj, None] * gdv[:, None, :]
+            D = D.transpose(1, 2)
             flipped = D != 0
             if not bool(flipped.any()):
                 continue
