@@ -16,14 +16,13 @@ import argparse
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from torchao_mobie.cli import make_config
 from torchao_mobie.eval.plots import plot_gap_vs_bits
-from torchao_mobie.eval.report import compare_methods
+from torchao_mobie.eval.report import compare_methods, group_by_method
 from torchao_mobie.zoo import ZOO, available
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,11 +36,8 @@ METRICS = ("paper_bits", "all_inclusive_bits", "wikitext2_gap", "ptb_gap", "wiki
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Mean over seeds per (model, method), with min-max spread of the gaps."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["model"], r["method"])].append(r)
     out = []
-    for (model, method), rs in groups.items():
+    for (model, method), rs in group_by_method(rows).items():
         s = {"model": model, "method": method, "calib": rs[0].get("calib", "wikitext2"), "seeds": len(rs)}
         for m in METRICS:
             vals = [r[m] for r in rs if m in r]

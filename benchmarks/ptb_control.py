@@ -21,13 +21,13 @@ import copy
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from torchao_mobie.data import eval_windows, load_text, tokenize_corpus
 from torchao_mobie.eval.metrics import compare_models
+from torchao_mobie.eval.report import group_by_method
 from torchao_mobie.zoo import load_zoo_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -71,11 +71,8 @@ def method_rows(models, path: Path) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["model"], r["method"])].append(r)
     out = []
-    for (model, method), rs in groups.items():
+    for (model, method), rs in group_by_method(rows).items():
         s = {"model": model, "method": method, "n": len(rs)}
         for k in ("wikitext2_gap", "wikitext2_kl", "ptb_gap", "ptb_kl"):
             vals = [r[k] for r in rs]

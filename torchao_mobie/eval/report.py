@@ -54,6 +54,14 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
     return rows
 
 
+def group_by_method(rows: list[dict]) -> dict:
+    """``{(model, method): [rows]}`` in first-seen order (one entry per seed/repeat)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["method"]), []).append(r)
+    return groups
+
+
 def format_table(rows: list[dict], cols: list[str]) -> str:
     """Plain fixed-width table (terminal) of the chosen columns."""
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
