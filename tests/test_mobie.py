@@ -302,6 +302,9 @@ def test_glas_weights_match_autograd():
         del mod.forward
     gu = glas.gate_up[info.fqn][0]
     dn = glas.down[info.fqn][0]
+    root = compute_glas_weights(model, experts, [_Batch(ids, None)], power=0.5)
+    torch.testing.assert_close(root.gate_up[info.fqn][0], gu.sqrt())
+    torch.testing.assert_close(root.down[info.fqn][0], dn.sqrt())
     for (t, s), (zg, zd) in pairs.items():
         torch.testing.assert_close(gu[t, s], zg.grad.pow(2).mean(), rtol=1e-3, atol=1e-14)
         torch.testing.assert_close(dn[t, s], zd.grad.pow(2).mean(), rtol=1e-3, atol=1e-14)
@@ -338,7 +341,8 @@ def test_glas_samples_limits_the_gradient_pass_to_the_leading_batches(monkeypatc
 
 @pytest.mark.parametrize("field,value", [("backbone_dtype", "fp8"), ("gate_up_blocks", 0), ("glas_lambda", 1.5),
                                          ("nges_mu", -1.0), ("cejd", 1), ("rounds", 0), ("max_bits", 0.5),
-                                         ("salient_cols", -1), ("refine", -1), ("glas_samples", 0)])
+                                         ("salient_cols", -1), ("refine", -1), ("glas_samples", 0),
+                                         ("glas_power", 0.0), ("glas_power", 1.5)])
 def test_config_validation_names_field(field, value):
     with pytest.raises(ValueError, match=f"MoBiEConfig.{field}"):
         MoBiEConfig(**{field: value})

@@ -873,7 +873,7 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             def forward():  # the GLAS pass is the capture forward of its batches
                 nonlocal glas
                 n = _glas_batches(config, batches)
-                glas = compute_glas_weights(model, experts, batches[:n])
+                glas = compute_glas_weights(model, experts, batches[:n], power=config.glas_power)
                 _forward_batches(model, batches[n:])
         hidden, calls = _capture_layer_inputs(model, layout, batches, forward)
         from tqdm.auto import tqdm

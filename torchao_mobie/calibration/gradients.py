@@ -92,11 +92,12 @@ def pair_gradient_weights(info: ExpertsInfo, x: torch.Tensor, top_k_index: torch
     return w_gu, w_dn
 
 
-def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches) -> GLASWeights:
+def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, power: float = 1.0) -> GLASWeights:
     """One forward+backward of the full-precision LM loss per calibration batch (parameters frozen).
 
     ``batches``: objects with ``input_ids`` and ``attention_mask`` (as built by ``quantize_model``).
-    The loss is the mean next-token cross entropy over non-padding tokens.
+    The loss is the mean next-token cross entropy over non-padding tokens. ``power``: the pair weights
+    are returned as ``w ** power`` (see ``MoBiEConfig.glas_power``).
     """
     import torch.nn.functional as F
 
@@ -142,8 +143,8 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches) 
                 gu, dn = pair_gradient_weights(info, hs.reshape(-1, info.hidden_dim), ti.reshape(hs.reshape(-1, info.hidden_dim).shape[0], -1),
                                                tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, info.hidden_dim))
                 index[info.fqn].append(ti.reshape(-1, ti.shape[-1]).cpu())
-                wgu[info.fqn].append(gu)
-                wdn[info.fqn].append(dn)
+                wgu[info.fqn].append(gu if power == 1 else gu.pow(power))
+                wdn[info.fqn].append(dn if power == 1 else dn.pow(power))
             del logits, loss
             saved.clear()
     finally:
