@@ -129,6 +129,27 @@ def test_sign_refinement_with_a_shared_left_metric_matches_the_per_expert_path()
     assert torch.equal(shared, own)
 
 
+def test_batched_solves_are_right_with_several_threads():
+    """torch 2.13's batched CPU LU fails or returns garbage with > 1 thread once n >= ~160 (the zoo's
+    qwen3moe-32e gate_up factor is [32, 160, 160]); CEJD's solves must not depend on the thread count."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 192, 192, generator=g)
+    A = A @ A.transpose(-1, -2) / 192 + torch.eye(192)
+    B = torch.randn(8, 192, 5, generator=g)
+    W, H, _ = _problem(4, 192, 176)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        X = C._solve(A, B)
+        multi = C.cejd_quantize(W, H, side="input", rounds=1, refine=1, salient_cols=8)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(A @ X, B, atol=1e-4, rtol=1e-4)
+    assert torch.get_num_threads() == threads
+    single = C.cejd_quantize(W, H, side="input", rounds=1, refine=1, salient_cols=8)
+    assert abs(multi.objective - single.objective) <= 1e-3 * single.objective
+
+
 def test_log8_scale_codes_round_trip():
     from torchao_mobie.algorithms.scale_codes import decode_log8, encode_log8
 

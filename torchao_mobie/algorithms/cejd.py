@@ -52,6 +52,22 @@ __all__ = ["CEJDResult", "cejd_quantize", "reconstruct", "backbone_matrix", "lay
 FP16 = 16
 
 
+def _solve(A, B):
+    """``torch.linalg.solve`` with batched CPU systems solved on one thread: torch 2.13's batched CPU LU
+    (oneMKL getrf/getrs) with more than one thread raises "Pivots given to lu_solve must all be greater
+    or equal to 1" or returns garbage once n >= ~160 (e.g. [8, 192, 192] fp32/fp64 on 2 threads), while
+    Cholesky, SVD and unbatched solves are fine. One thread also keeps results independent of the
+    thread count."""
+    if A.dim() > 2 and A.shape[0] > 1 and A.device.type == "cpu" and torch.get_num_threads() > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return torch.linalg.solve(A, B)
+        finally:
+            torch.set_num_threads(threads)
+    return torch.linalg.solve(A, B)
+
+
 def _sign(x):
     return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
@@ -120,7 +136,7 @@ def factor_metrics(W, H, backbone, side: str, G=None, ridge: float = 1e-6) -> Fa
         # A = W H Sᵀ (S H Sᵀ)⁻¹ (least-squares factor in the H metric)
         damp = ridge * Hf.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
         eye = torch.eye(Hf.shape[-1], dtype=Hf.dtype)
-        A = torch.linalg.solve(Hf + damp * eye, (W @ H @ S.t()).transpose(-1, -2)).transpose(-1, -2)
+        A = _solve(Hf + damp * eye, (W @ H @ S.t()).transpose(-1, -2)).transpose(-1, -2)
     else:
         M = backbone
         GM = M if G is None else G @ M
@@ -129,7 +145,7 @@ def factor_metrics(W, H, backbone, side: str, G=None, ridge: float = 1e-6) -> Fa
         Hf = H
         T = GM.t() @ W @ H
         damp = ridge * Gf0.diagonal().mean().clamp_min(1e-30)
-        A = torch.linalg.solve(Gf0 + damp * torch.eye(Gf0.shape[0], dtype=Gf0.dtype), GM.t() @ W)
+        A = _solve(Gf0 + damp * torch.eye(Gf0.shape[0], dtype=Gf0.dtype), GM.t() @ W)
     return FactorMetrics(Gf, Hf, T, A)
 
 
@@ -226,7 +242,7 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
             K = Gf * (CH @ C.transpose(-1, -2))
             r = (C * T).sum(-1)
             K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(m, dtype=K.dtype)
-            a = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
+            a = _solve(K, r.unsqueeze(-1)).squeeze(-1)
         P = B * a[:, :, None]
         if two:  # unknowns: n first-plane column scales + the k second-plane scales of the salient columns
             P = torch.cat([P, torch.gather(B2, 2, idx[:, None, :].expand(-1, m, -1)) * a[:, :, None]], -1)
@@ -240,7 +256,7 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
         r = (P * Tx).sum(-2)
         nk = K.shape[-1]
         K = K + ridge * K.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None] * torch.eye(nk, dtype=K.dtype)
-        x = torch.linalg.solve(K, r.unsqueeze(-1)).squeeze(-1)
+        x = _solve(K, r.unsqueeze(-1)).squeeze(-1)
         b = x[:, :n]
         if two:
             b2 = torch.zeros_like(b).scatter(1, idx, x[:, n:])
@@ -353,7 +369,7 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
             num = (Wb @ H64 @ Qb.transpose(-1, -2)).sum(0)
             den = (Qb @ H64 @ Qb.transpose(-1, -2)).sum(0)
             den = den + ridge * den.diagonal().mean() * torch.eye(den.shape[0], dtype=den.dtype)
-            out.append(torch.linalg.solve(den, num.t()).t())
+            out.append(_solve(den, num.t()).t())
         return torch.stack(out).to(W.dtype)
     # input side (single block)
     S = backbone_blocks[0].double()
