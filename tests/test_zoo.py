@@ -76,3 +76,11 @@ def test_training_is_deterministic(tmp_path):
 
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_in_domain_ptb_heldout_is_qwen3moe_32e_trained_on_both_corpora():
+    from torchao_mobie.zoo import HELDOUT
+
+    spec = HELDOUT["heldout-qwen3moe-32e-wt2ptb"]
+    assert spec.config == ZOO["qwen3moe-32e"].config and spec.steps == ZOO["qwen3moe-32e"].steps
+    assert spec.train_corpora == ("wikitext2", "ptb") and ZOO["qwen3moe-32e"].train_corpora == ("wikitext2",)

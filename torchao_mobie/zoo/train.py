@@ -47,14 +47,15 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
 
 def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: int = 0, log=print,
                 ids: torch.Tensor | None = None) -> dict:
-    """Train one zoo model on WikiText-2 train (or on the token stream ``ids``) and save it in bf16."""
+    """Train one zoo model on its ``train_corpora`` (train splits, concatenated; or on the token stream
+    ``ids``) and save it in bf16."""
     from transformers import AutoModelForCausalLM
 
     from ..data import tokenize_corpus
 
     torch.manual_seed(seed)
     if ids is None:
-        ids = tokenize_corpus(load_text("wikitext2", "train", data_dir), tokenizer)
+        ids = torch.cat([tokenize_corpus(load_text(c, "train", data_dir), tokenizer) for c in spec.train_corpora])
     cfg = spec.build_config()
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -86,7 +87,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
     tokenizer.save_pretrained(out_dir)
     info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
             "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr,
-            "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
+            "train_corpora": list(spec.train_corpora), "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(info, indent=1))
     return info
