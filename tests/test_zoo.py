@@ -78,9 +78,12 @@ def test_training_is_deterministic(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_in_domain_ptb_heldout_is_qwen3moe_32e_trained_on_both_corpora():
+def test_in_domain_ptb_heldouts_are_zoo_models_trained_on_both_corpora():
     from torchao_mobie.zoo import HELDOUT
 
-    spec = HELDOUT["heldout-qwen3moe-32e-wt2ptb"]
-    assert spec.config == ZOO["qwen3moe-32e"].config and spec.steps == ZOO["qwen3moe-32e"].steps
-    assert spec.train_corpora == ("wikitext2", "ptb") and ZOO["qwen3moe-32e"].train_corpora == ("wikitext2",)
+    twins = {n: n.removeprefix("heldout-").removesuffix("-wt2ptb") for n in HELDOUT if n.endswith("-wt2ptb")}
+    assert set(twins.values()) == {"qwen3moe-32e", "qwen2moe-32e-shared"}
+    for name, zoo_name in twins.items():
+        spec, base = HELDOUT[name], ZOO[zoo_name]
+        assert spec.config == base.config and spec.steps == base.steps and spec.model_type == base.model_type
+        assert spec.train_corpora == ("wikitext2", "ptb") and base.train_corpora == ("wikitext2",)

@@ -81,10 +81,13 @@ HELDOUT: dict[str, ZooSpec] = {
             hidden_size=256, intermediate_size=1024, moe_intermediate_size=104, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
             num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01)),
-        # qwen3moe-32e's architecture trained on WikiText-2 + PTB: PTB is in its training domain, so its
-        # PTB gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
+        # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
+        # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)
         ZooSpec("heldout-qwen3moe-32e-wt2ptb", "qwen3_moe", "fine-grained", ZOO["qwen3moe-32e"].config,
                 steps=ZOO["qwen3moe-32e"].steps, train_corpora=("wikitext2", "ptb")),
+        ZooSpec("heldout-qwen2moe-32e-shared-wt2ptb", "qwen2_moe", "fine-grained",
+                ZOO["qwen2moe-32e-shared"].config, steps=ZOO["qwen2moe-32e-shared"].steps,
+                train_corpora=("wikitext2", "ptb")),
     ]
 }
