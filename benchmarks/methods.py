@@ -82,7 +82,7 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--calib", default="wikitext2")
+    ap.add_argument("--calib", default="wikitext2", help="calibration corpus or a mix, e.g. wikitext2+ptb")
     ap.add_argument("--eval-windows", type=int, default=300, help="test windows per corpus (0: whole split)")
     ap.add_argument("--corpora", nargs="*", default=["wikitext2", "ptb"])
     ap.add_argument("--data-dir", default=None)

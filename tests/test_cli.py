@@ -73,6 +73,20 @@ def test_quantize_baseline_is_fake_quant_and_leaves_the_input_untouched(calib_te
     assert len(torch.unique(w)) <= 2  # one row of one expert: alpha * sign + mean
 
 
+def test_quantize_calibration_mix_of_a_corpus_and_a_file(calib_text_file, tmp_path, capsys):
+    out = tmp_path / "mix"
+    main(["quantize", "--model", "micro-qwen3moe", "--method", "sign", "--calib", f"ptb+{calib_text_file}",
+          "--nsamples", "4", "--seqlen", "64", "--out", str(out), "--device", "cpu"])
+    info = json.loads((out / REPORT_NAME).read_text())
+    assert info["calibration"]["source"] == f"ptb/train + {calib_text_file.resolve()}"
+    assert info["calibration"]["tokens"] == 256
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--model", "micro-qwen3moe", "--method", "sign", "--calib", "ptb+nope.txt",
+              "--out", str(tmp_path / "bad"), "--device", "cpu"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()
+    assert "--calib nope.txt: not a known corpus" in capsys.readouterr().err
+
+
 def test_quantize_force_swaps_only_after_success(calib_text_file, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 

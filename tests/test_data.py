@@ -4,6 +4,7 @@ import torch
 from torchao_mobie.data import (
     DataNotFoundError,
     calibration_samples,
+    calibration_set,
     eval_windows,
     load_text,
     resolve_data_dir,
@@ -59,6 +60,35 @@ def test_calibration_samples_seeded_windows():
             calibration_samples(ids, **kw)
     with pytest.raises(ValueError, match="fewer than seqlen"):
         calibration_samples(torch.arange(10), 2, 10)
+
+
+def test_calibration_mix_shares_windows_evenly_and_one_stream_is_unchanged():
+    a, b = torch.arange(1000), torch.arange(5000, 6000)
+    assert torch.equal(calibration_samples([a], 5, 16, seed=1), calibration_samples(a, 5, 16, seed=1))
+    mix = calibration_samples([a, b], 5, 16, seed=1)
+    assert mix.shape == (5, 16)
+    assert (mix[:3] < 1000).all() and (mix[3:] >= 5000).all()  # 3 + 2: the first stream takes the remainder
+    assert torch.equal(mix, calibration_samples((a, b), 5, 16, seed=1))
+    with pytest.raises(ValueError, match="token stream 1 of the mix has 10 tokens"):
+        calibration_samples([a, torch.arange(10)], 4, 16)
+    with pytest.raises(ValueError, match="fewer than the 2 calibration streams"):
+        calibration_samples([a, b], 1, 16)
+    with pytest.raises(ValueError, match="non-empty list"):
+        calibration_samples([], 4, 16)
+
+
+def test_calibration_set_names_a_corpus_or_a_mix():
+    from torchao_mobie.zoo import load_zoo_model
+
+    _, tok = load_zoo_model("micro-qwen3moe")
+    w = tokenize_corpus(load_text("wikitext2", "train"), tok)
+    p = tokenize_corpus(load_text("ptb", "train"), tok)
+    assert torch.equal(calibration_set("wikitext2", tok, 4, 32, seed=2), calibration_samples(w, 4, 32, seed=2))
+    assert torch.equal(calibration_set("wikitext2+ptb", tok, 4, 32, seed=2),
+                       calibration_samples([w, p], 4, 32, seed=2))
+    for bad in ("wt103", "wikitext2+", "wikitext2+ptb+nope"):
+        with pytest.raises(ValueError, match="expected a corpus name or names joined by"):
+            calibration_set(bad, tok, 4, 32)
 
 
 def test_eval_windows_non_overlapping():

@@ -327,7 +327,9 @@ def cmd_quantize(args):
     cfg = make_config(args.method)
     model_path = _model_path(args.model, "--model")
     out = _check_out_dir(Path(args.out), model_path, args.force)
-    if args.calib in CORPORA:
+    # a mix "wikitext2+ptb" (or of files) shares the windows out evenly; an existing file is never split
+    calib_parts = [args.calib] if Path(args.calib).expanduser().exists() else args.calib.split("+")
+    if any(p in CORPORA for p in calib_parts):
         _check_data_dir(args.data_dir)
 
     # everything that the config alone tells, before loading weights
@@ -355,7 +357,8 @@ def cmd_quantize(args):
     del skeleton
 
     t = time.perf_counter()
-    text, source = _text(args.calib, "train", args.data_dir, "--calib")  # a missing corpus fails before the load
+    texts = [_text(p, "train", args.data_dir, "--calib") for p in calib_parts]  # fails before the load
+    source = " + ".join(src for _, src in texts)
     timing = {"calibration_data_s": time.perf_counter() - t}
 
     t = time.perf_counter()
@@ -365,10 +368,11 @@ def cmd_quantize(args):
 
     t = time.perf_counter()
     print(f"tokenizing calibration text ({source}) ...", flush=True)
-    stream = tokenize_corpus(text, tok)
-    del text
+    streams = [tokenize_corpus(text, tok) for text, _ in texts]
+    del texts
     try:
-        calib = calibration_samples(stream, args.nsamples, args.seqlen, args.seed)
+        calib = calibration_samples(streams if len(streams) > 1 else streams[0], args.nsamples, args.seqlen,
+                                    args.seed)
     except ValueError as e:
         raise CLIError(f"--calib {args.calib}: {e}; use a longer text or a smaller --seqlen") from e
     timing["calibration_data_s"] += time.perf_counter() - t
@@ -674,7 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a non-empty --out; the old content stays until the new model is complete")
     q.add_argument("--calib", default="wikitext2",
                    help="calibration text: wikitext2, ptb, c4 (train splits) or a UTF-8 text file tokenized with the "
-                        "model's tokenizer (default: wikitext2)")
+                        "model's tokenizer, or a mix joined by '+' (e.g. wikitext2+ptb: windows shared evenly; "
+                        "default: wikitext2)")
     q.add_argument("--nsamples", type=_positive_int, default=32,
                    help="random calibration windows (default 32; the papers use 128 on 2048-token windows)")
     q.add_argument("--seqlen", type=_positive_int, default=256,

@@ -23,6 +23,7 @@ __all__ = [
     "load_text",
     "tokenize_corpus",
     "calibration_samples",
+    "calibration_set",
     "eval_windows",
 ]
 
@@ -159,19 +160,44 @@ def tokenize_corpus(text: str, tokenizer) -> torch.Tensor:
     return out.clone()
 
 
-def calibration_samples(ids: torch.Tensor, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """``[n_samples, seqlen]`` random windows of a token stream, seeded (the GPTQ/BiLLM sampler)."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
-        raise ValueError("ids must be a 1-D tensor of token ids")
+def calibration_samples(ids, n_samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``[n_samples, seqlen]`` random windows of a token stream, seeded (the GPTQ/BiLLM sampler).
+
+    ``ids`` may also be a list of streams (a calibration mix, e.g. WikiText-2 + PTB): the windows are
+    shared out evenly, the first streams taking the remainder, in stream order. MoBiE fits its 1.5-bit
+    budget to the calibration domain closely, so a mix covers a model's domains better than one corpus.
+    """
+    streams = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    if not streams or any(not isinstance(t, torch.Tensor) or t.dim() != 1 for t in streams):
+        raise ValueError("ids must be a 1-D tensor of token ids or a non-empty list of them")
     if not isinstance(n_samples, int) or n_samples <= 0:
         raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
     if not isinstance(seqlen, int) or seqlen <= 0:
         raise ValueError(f"seqlen must be a positive int, got {seqlen!r}")
-    if ids.numel() <= seqlen:
-        raise ValueError(f"the token stream has {ids.numel()} tokens, fewer than seqlen+1={seqlen + 1}")
+    if n_samples < len(streams):
+        raise ValueError(f"n_samples={n_samples} is fewer than the {len(streams)} calibration streams to mix")
+    for i, t in enumerate(streams):
+        if t.numel() <= seqlen:
+            which = f"token stream {i} of the mix" if len(streams) > 1 else "the token stream"
+            raise ValueError(f"{which} has {t.numel()} tokens, fewer than seqlen+1={seqlen + 1}")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    out = []
+    for i, t in enumerate(streams):
+        n = n_samples // len(streams) + (i < n_samples % len(streams))
+        starts = torch.randint(0, t.numel() - seqlen, (n,), generator=g)
+        out += [t[s : s + seqlen] for s in starts.tolist()]
+    return torch.stack(out)
+
+
+def calibration_set(calib: str, tokenizer, n_samples: int, seqlen: int, seed: int = 0,
+                    data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """Calibration windows from the train split of ``calib``: a corpus name or a mix such as
+    ``"wikitext2+ptb"`` (windows shared evenly, see :func:`calibration_samples`)."""
+    names = calib.split("+") if isinstance(calib, str) else None
+    if not names or any(n not in CORPORA for n in names):
+        raise ValueError(f"calib={calib!r}: expected a corpus name or names joined by '+' from {sorted(CORPORA)}")
+    return calibration_samples([tokenize_corpus(load_text(n, "train", data_dir), tokenizer) for n in names],
+                               n_samples, seqlen, seed)
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -24,12 +24,12 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
     import torch
 
     from ..api import quantize_model
-    from ..data import calibration_samples, eval_windows as windows_of, load_text, tokenize_corpus
+    from ..data import calibration_set, eval_windows as windows_of, load_text, tokenize_corpus
     from ..zoo import load_zoo_model
     from .metrics import compare_models
 
     fp, tok = load_zoo_model(model_name)
-    calib_ids = calibration_samples(tokenize_corpus(load_text(calib, "train", data_dir), tok), nsamples, seqlen, seed)
+    calib_ids = calibration_set(calib, tok, nsamples, seqlen, seed, data_dir)
     tests = {c: windows_of(tokenize_corpus(load_text(c, "test", data_dir), tok), seqlen, max_windows=eval_windows)
              for c in corpora}
     rows = []
