@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PEER_GAPS = {"heldout-mixtral-9m": {"billm": 0.044, "arb-rc": 0.032, "arb-x": 0.029, "sign": 0.38},
              "heldout-qwen3moe-12m": {"billm": 0.062, "arb-rc": 0.047, "arb-x": 0.027, "sign": 0.35}}
 METRICS = ("paper_bits", "all_inclusive_bits", "wikitext2_gap", "ptb_gap", "wikitext2_topk_kept", "ptb_topk_kept",
-           "wikitext2_kl", "quant_seconds")
+           "wikitext2_kl", "ptb_kl", "quant_seconds")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -63,9 +63,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(summary: list[dict], command: str) -> str:
     cols = ["model", "method", "calib", "seeds", "paper_bits", "all_inclusive_bits", "wikitext2_gap", "wikitext2_gap_spread",
-            "ptb_gap", "gap_vs_billm", "published_code_gap", "gap_vs_published", "vs_published_per_fragility",
+            "ptb_gap", "ptb_gap_spread", "gap_vs_billm", "published_code_gap", "gap_vs_published", "vs_published_per_fragility",
             "wikitext2_topk_kept",
-            "ptb_topk_kept", "wikitext2_kl", "quant_seconds"]
+            "ptb_topk_kept", "wikitext2_kl", "ptb_kl", "quant_seconds"]
     cols = [c for c in cols if any(c in s for s in summary)]
     lines = [f"Command: `{command}`", "", "gap = ln(PPL_q) - ln(PPL_fp) on the test split; bits per expert weight in "
              "the papers' convention (sign planes + bitmaps) and all-inclusive (every stored bit).", "",
@@ -90,6 +90,8 @@ def main(argv=None):
                     help="rewrite <name>.md/.png from the rows already in <name>.json (no quantization)")
     ap.add_argument("--compare-with", default=None, metavar="NAME:METHOD",
                     help="with --report-only: also tabulate METHOD's seed-0 rows from NAME.json (e.g. baselines:mobie)")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="NAME",
+                    help="with --report-only: add the rows (and commands) of NAME.json files from parallel runs")
     ap.add_argument("--append", action="store_true",
                     help="keep the rows of <name>.json for other models/methods/seeds (run models one at a time)")
     args = ap.parse_args(argv)
@@ -98,6 +100,19 @@ def main(argv=None):
     if args.report_only:
         old = json.loads(out_json.read_text())
         rows = old["rows"]
+        if args.merge:  # results of parallel runs (other --name's) joined into this one; the same key is an error
+            commands = old.get("commands", [old["command"]])
+            for name in args.merge:
+                other = json.loads((RESULTS / f"{name}.json").read_text())
+                keys = {(r["model"], r["method"], r["seed"], r.get("calib")) for r in rows}
+                clash = [r for r in other["rows"] if (r["model"], r["method"], r["seed"], r.get("calib")) in keys]
+                if clash:
+                    ap.error(f"--merge {name}: rows already in {args.name}.json, e.g. {clash[0]['model']} "
+                             f"{clash[0]['method']} seed {clash[0]['seed']}")
+                rows += other["rows"]
+                commands += other.get("commands", [other["command"]])
+            old = {"command": commands[0], "commands": commands, "rows": rows}
+            out_json.write_text(json.dumps(old | {"summary": summarize(rows)}, indent=1))
         if args.compare_with:
             name, method = args.compare_with.split(":")
             models = {r["model"] for r in rows}

@@ -89,3 +89,32 @@ def test_compare_identical_models(micro):
     r = compare_models(model, model, w)
     assert r.ppl_fp == r.ppl_q and r.kl == pytest.approx(0, abs=1e-6)
     assert r.expert_shift.mean_topk_kept == 1.0 and len(r.expert_shift.topk_kept) == model.config.num_hidden_layers
+
+
+def test_methods_benchmark_merges_parallel_runs_and_refuses_duplicate_rows(tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import methods as bench
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+
+    def row(method, seed, gap):
+        return {"model": "m", "method": method, "seed": seed, "calib": "wikitext2+ptb", "wikitext2_gap": gap,
+                "ptb_gap": 2 * gap, "paper_bits": 1.1, "all_inclusive_bits": 1.5}
+
+    (tmp_path / "a.json").write_text(json.dumps({"command": "run a", "rows": [row("billm", 0, 0.1), row("mobie", 0, 0.02)]}))
+    (tmp_path / "b.json").write_text(json.dumps({"command": "run b", "rows": [row("mobie", 1, 0.04)]}))
+    bench.main(["--name", "a", "--report-only", "--merge", "b"])
+    merged = json.loads((tmp_path / "a.json").read_text())
+    assert merged["commands"] == ["run a", "run b"] and len(merged["rows"]) == 3
+    mobie = next(s for s in merged["summary"] if s["method"] == "mobie")
+    assert mobie["seeds"] == 2 and mobie["wikitext2_gap"] == 0.03 and mobie["ptb_gap_spread"] == "0.0400-0.0800"
+    assert mobie["gap_vs_billm"] == 0.3 and "run a ; run b" in (tmp_path / "a.md").read_text()
+    with pytest.raises(SystemExit):  # b's rows are in a now
+        bench.main(["--name", "a", "--report-only", "--merge", "b"])
+    assert len(json.loads((tmp_path / "a.json").read_text())["rows"]) == 3
