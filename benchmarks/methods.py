@@ -111,6 +111,7 @@ def main(argv=None):
                              f"{clash[0]['method']} seed {clash[0]['seed']}")
                 rows += other["rows"]
                 commands += other.get("commands", [other["command"]])
+            commands.append("python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv))
             old = {"command": commands[0], "commands": commands, "rows": rows}
             out_json.write_text(json.dumps(old | {"summary": summarize(rows)}, indent=1))
         if args.compare_with:

@@ -111,7 +111,8 @@ def test_methods_benchmark_merges_parallel_runs_and_refuses_duplicate_rows(tmp_p
     (tmp_path / "b.json").write_text(json.dumps({"command": "run b", "rows": [row("mobie", 1, 0.04)]}))
     bench.main(["--name", "a", "--report-only", "--merge", "b"])
     merged = json.loads((tmp_path / "a.json").read_text())
-    assert merged["commands"] == ["run a", "run b"] and len(merged["rows"]) == 3
+    assert merged["commands"][:2] == ["run a", "run b"] and "--merge b" in merged["commands"][2]
+    assert len(merged["rows"]) == 3
     mobie = next(s for s in merged["summary"] if s["method"] == "mobie")
     assert mobie["seeds"] == 2 and mobie["wikitext2_gap"] == 0.03 and mobie["ptb_gap_spread"] == "0.0400-0.0800"
     assert mobie["gap_vs_billm"] == 0.3 and "run a ; run b" in (tmp_path / "a.md").read_text()
