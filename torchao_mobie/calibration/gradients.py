@@ -118,6 +118,11 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
 
     emb = model.get_input_embeddings()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # With more than one CPU thread the MoE block's backward (index accumulation) sums in a run-dependent
+    # order, so the same calibration gave different quantized models; deterministic kernels fix that and
+    # are bitwise identical to the default ones on one thread.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     was_training = model.training
     model.eval()
     for p in model.parameters():
@@ -126,6 +131,8 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
     for info in experts:
         handles.append(info.module.register_forward_hook(make_hook(info), with_kwargs=True))
     try:
+        if on_cpu:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         for b in batches:
             saved.clear()
             with torch.enable_grad():
@@ -153,6 +160,8 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
+        if on_cpu:
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
     return GLASWeights(index, wgu, wdn)
 
 
