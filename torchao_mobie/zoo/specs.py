@@ -9,7 +9,7 @@ shared CEJD backbone costs relatively more.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 VOCAB_SIZE = 4096
 
@@ -84,10 +84,7 @@ HELDOUT: dict[str, ZooSpec] = {
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)
-        ZooSpec("heldout-qwen3moe-32e-wt2ptb", "qwen3_moe", "fine-grained", ZOO["qwen3moe-32e"].config,
-                steps=ZOO["qwen3moe-32e"].steps, train_corpora=("wikitext2", "ptb")),
-        ZooSpec("heldout-qwen2moe-32e-shared-wt2ptb", "qwen2_moe", "fine-grained",
-                ZOO["qwen2moe-32e-shared"].config, steps=ZOO["qwen2moe-32e-shared"].steps,
-                train_corpora=("wikitext2", "ptb")),
+        *(replace(ZOO[n], name=f"heldout-{n}-wt2ptb", train_corpora=("wikitext2", "ptb"))
+          for n in ("qwen3moe-32e", "qwen2moe-32e-shared")),
     ]
 }
