@@ -371,8 +371,7 @@ def cmd_quantize(args):
     streams = [tokenize_corpus(text, tok) for text, _ in texts]
     del texts
     try:
-        calib = calibration_samples(streams if len(streams) > 1 else streams[0], args.nsamples, args.seqlen,
-                                    args.seed)
+        calib = calibration_samples(streams, args.nsamples, args.seqlen, args.seed)
     except ValueError as e:
         raise CLIError(f"--calib {args.calib}: {e}; use a longer text or a smaller --seqlen") from e
     timing["calibration_data_s"] += time.perf_counter() - t
