@@ -179,6 +179,7 @@ def test_method_spec_sets_config_fields_and_names_bad_ones():
     cfg = make_config("mobie:rounds=1,glas_samples=8,side=input")
     assert (cfg.rounds, cfg.glas_samples, cfg.side) == (1, 8, "input")
     assert make_config("billm").__class__.__name__ == "BiLLMConfig"
+    assert make_config("hbllm:haar=col").haar == "col"
     for bad, says in (("mobie:nosuch=1", "nosuch"), ("mobie:rounds", "not key=value"), ("mobie:rounds=0", "rounds"),
                       ("nosuch:rounds=1", "not known")):
         with pytest.raises(SystemExit, match=says):

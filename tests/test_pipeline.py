@@ -571,6 +571,16 @@ def test_config_validation_and_serialization():
         tm.ARBLLMConfig(step="prepare")
     with pytest.raises(ValueError, match=r"ARBLLMConfig\.variant"):
         tm.ARBLLMConfig(variant="braq")
+    with pytest.raises(ValueError, match=r"HBLLMConfig\.haar must be one of \('row', 'col'\), got 'rows'"):
+        tm.HBLLMConfig(haar="rows")
+    with pytest.raises(ValueError, match=r"HBLLMConfig\.group_partition"):
+        tm.HBLLMConfig(group_partition="col")
+    with pytest.raises(ValueError, match=r"HBLLMConfig\.salient_up_lim"):
+        tm.HBLLMConfig(salient_up_lim=1)
+    from torchao_mobie.config import BiLLMConfig  # the baselines moved to torchao_mobie.baselines; old paths load
+    assert BiLLMConfig is tm.BiLLMConfig
+    hb = tm.HBLLMConfig(group_partition="global", haar="col")
+    assert config_from_dict(config_to_dict(hb)) == hb
     with pytest.raises(ValueError, match=r"min_expert_tokens"):
         tm.SignBinaryConfig(min_expert_tokens=0)
     with pytest.raises(TypeError, match="abstract"):
@@ -601,13 +611,15 @@ def test_quantize_experts_is_the_primary_interface():
 
 @pytest.mark.parametrize("make", [lambda: tm.SignBinaryConfig(), lambda: tm.BiLLMConfig(blocksize=16),
                                   lambda: tm.ARBLLMConfig(variant="x", iters=3, blocksize=16),
-                                  lambda: tm.ARBLLMConfig(variant="rc", iters=3)],
-                         ids=["sign", "billm", "arb-x", "arb-rc"])
+                                  lambda: tm.ARBLLMConfig(variant="rc", iters=3),
+                                  lambda: tm.HBLLMConfig(blocksize=16)],
+                         ids=["sign", "billm", "arb-x", "arb-rc", "hbllm"])
 def test_real_algorithms_end_to_end(make):
     import torchao_mobie.algorithms as alg
 
     cfg = make()
-    fn = {"SignBinaryConfig": "sign_quantize", "BiLLMConfig": "billm_quantize", "ARBLLMConfig": "arb_quantize"}
+    fn = {"SignBinaryConfig": "sign_quantize", "BiLLMConfig": "billm_quantize", "ARBLLMConfig": "arb_quantize",
+          "HBLLMConfig": "hbllm_quantize"}
     if not hasattr(alg, fn[type(cfg).__name__]):
         pytest.skip(f"torchao_mobie.algorithms.{fn[type(cfg).__name__]} not available yet")
     fp = tiny_model("qwen3_moe", layers=1)
@@ -615,6 +627,8 @@ def test_real_algorithms_end_to_end(make):
     report = tm.quantize_model(m, cfg, calib(), progress=False)
     assert changed_params(fp, m) == set(report.parameters) and len(report.parameters) == 2
     assert 1.0 <= report.bits.paper_bits < 2.5 and report.bits.all_inclusive_bits > report.bits.paper_bits
+    if isinstance(cfg, tm.HBLLMConfig):  # + a split-group bit per coefficient and 12 fp16 values per row of a block
+        assert report.bits.all_inclusive_bits > 2 * report.bits.paper_bits
     if isinstance(cfg, tm.SignBinaryConfig):
         assert all(is_sign_rows(experts_of(m, 0).weight(p)) for p in ("gate_up_proj", "down_proj"))
     with torch.no_grad():

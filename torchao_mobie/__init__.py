@@ -17,13 +17,15 @@ torchao-native::
 """
 
 from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
-from .config import ARBLLMConfig, BiLLMConfig, BinarizationConfig, MoBiEConfig, Scope, SignBinaryConfig
+from .baselines import ARBLLMConfig, BiLLMConfig, HBLLMConfig, SignBinaryConfig
+from .config import BinarizationConfig, MoBiEConfig, Scope
 from . import storage  # registers the "mobie" experts implementation and HF quantizer (packed models)
 
 __all__ = [
     "ARBLLMConfig",
     "BiLLMConfig",
     "BinarizationConfig",
+    "HBLLMConfig",
     "MoBiEConfig",
     "QuantizationReport",
     "Scope",

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-METHODS = ("sign", "billm", "arb-rc", "arb-x")
-QUANT_METHODS = ("mobie", "billm", "arb", "arb-x", "arb-rc", "sign", "mobie-no-cejd", "mobie-no-glas", "mobie-no-nges",
+METHODS = ("sign", "billm", "arb-rc", "arb-x", "hbllm")
+QUANT_METHODS = ("mobie", "billm", "arb", "arb-x", "arb-rc", "hbllm", "sign", "mobie-no-cejd", "mobie-no-glas", "mobie-no-nges",
                  "mobie-no-route_weighted")
 PPL_CORPORA = ("wikitext2", "ptb")
 REPORT_NAME = "mobie_quantize.json"
@@ -34,7 +34,7 @@ def make_config(method: str, **kw):
     fields (values as Python literals), e.g. ``mobie:rounds=1,glas_samples=8``."""
     import ast
 
-    from . import config as C
+    from . import baselines as B, config as C
 
     if ":" in method:
         method, _, spec = method.partition(":")
@@ -48,11 +48,12 @@ def make_config(method: str, **kw):
                 kw[key.strip()] = value.strip()  # a bare word: a string field (e.g. side=input)
 
     table = {
-        "sign": lambda: C.SignBinaryConfig(**kw),
-        "billm": lambda: C.BiLLMConfig(**kw),
-        "arb": lambda: C.ARBLLMConfig(variant="arb", **kw),
-        "arb-x": lambda: C.ARBLLMConfig(variant="x", **kw),
-        "arb-rc": lambda: C.ARBLLMConfig(variant="rc", **kw),
+        "sign": lambda: B.SignBinaryConfig(**kw),
+        "billm": lambda: B.BiLLMConfig(**kw),
+        "arb": lambda: B.ARBLLMConfig(variant="arb", **kw),
+        "arb-x": lambda: B.ARBLLMConfig(variant="x", **kw),
+        "arb-rc": lambda: B.ARBLLMConfig(variant="rc", **kw),
+        "hbllm": lambda: B.HBLLMConfig(**kw),
     }
     if hasattr(C, "MoBiEConfig"):
         table["mobie"] = lambda: C.MoBiEConfig(**kw)
@@ -69,7 +70,7 @@ def make_config(method: str, **kw):
 def cmd_demo(args):
     from .zoo import DEFAULT_MODEL
 
-    methods = args.methods or (["mobie"] if _has_mobie() else []) + ["arb-x", "billm", "sign"]
+    methods = args.methods or (["mobie"] if _has_mobie() else []) + ["hbllm", "arb-x", "billm", "sign"]
     print(f"torchao-mobie demo: zoo model {args.model or DEFAULT_MODEL}, {args.nsamples}x{args.seqlen} WikiText-2 "
           f"calibration tokens, WikiText-2 test ({args.eval_windows} windows of {args.seqlen})", flush=True)
     from .eval.report import compare_methods, format_table
@@ -665,12 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
             "order) and save it with save_pretrained, its tokenizer and mobie_quantize.json (config, bits in both "
             "conventions, timing).",
             "MoBiE is packed to real 1-bit storage (reload with `import torchao_mobie`, then "
-            "AutoModelForCausalLM.from_pretrained). billm / arb* / sign are fake-quant: the dequantized binary "
+            "AutoModelForCausalLM.from_pretrained). billm / arb* / hbllm / sign are fake-quant: the dequantized binary "
             "weights are saved in the load dtype (they load with plain transformers; no memory is saved)."),
         epilog="example:\n  torchao-mobie quantize --model qwen3moe-32e --method mobie --out qwen3moe-32e-mobie")
     q.add_argument("--model", required=True, help=_MODEL_HELP + "; never modified")
     q.add_argument("--method", required=True, choices=QUANT_METHODS,
-                   help="mobie (packed 1-bit), billm, arb (ARB-LLM), arb-x, arb-rc, sign (naive floor); "
+                   help="mobie (packed 1-bit), billm, arb (ARB-LLM), arb-x, arb-rc, hbllm (HBLLM), sign (naive floor); "
                         "mobie-no-* are ablations")
     q.add_argument("--out", required=True, help="output directory (must be new or empty unless --force)")
     q.add_argument("--force", action="store_true",

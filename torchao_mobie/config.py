@@ -38,11 +38,20 @@ __all__ = [
     "BinarizedExperts",
     "QuantContext",
     "BinarizationConfig",
-    "SignBinaryConfig",
-    "BiLLMConfig",
-    "ARBLLMConfig",
     "MoBiEConfig",
 ]
+
+_BASELINES = ("SignBinaryConfig", "BiLLMConfig", "ARBLLMConfig", "HBLLMConfig")
+
+
+def __getattr__(name):
+    """The baseline configs live in :mod:`torchao_mobie.baselines`; they are still reachable here, so
+    configs serialized as ``torchao_mobie.config.BiLLMConfig`` keep loading."""
+    if name in _BASELINES:
+        from . import baselines
+
+        return getattr(baselines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Scope(str, enum.Enum):
@@ -141,7 +150,8 @@ class BinarizationConfig(AOBaseConfig):
     def __post_init__(self):
         name = type(self).__name__
         if type(self) is BinarizationConfig:
-            raise TypeError("BinarizationConfig is abstract; use SignBinaryConfig, BiLLMConfig or ARBLLMConfig")
+            raise TypeError("BinarizationConfig is abstract; use MoBiEConfig or a baseline: SignBinaryConfig, "
+                            "BiLLMConfig, ARBLLMConfig or HBLLMConfig")
         scope = [self.scope] if isinstance(self.scope, (str, Scope)) else list(self.scope)
         normalized = []
         for s in scope:
@@ -201,73 +211,6 @@ def _algorithms():
     from . import algorithms
 
     return algorithms
-
-
-@dataclass
-class SignBinaryConfig(BinarizationConfig):
-    """Naive per-row sign binarization ``Ŵ = α·sign(W − μ) + μ`` (mean, mean-abs scale): the floor.
-
-    Ignores the Hessian. Fake-quant (dequantized weights stored in the original dtype). Bits: 1 sign bit
-    per weight (``paper_bits`` = 1.0); ``all_inclusive_bits`` adds 2 fp16 statistics per row.
-    """
-
-    def binarize_matrix(self, W, H):
-        return _algorithms().sign_quantize(W, H)
-
-
-@dataclass
-class BiLLMConfig(BinarizationConfig):
-    """BiLLM (Huang et al., ICML 2024): salient columns with two residual binary planes, bell-shaped
-    split of the rest into two groups, block-wise OBC error compensation with the Hessian.
-
-    Fake-quant (dequantized weights stored in the original dtype; no memory saved). ``paper_bits``
-    follows the paper's convention (sign planes + bitmaps, ~1.1 bits); ``all_inclusive_bits`` adds the
-    fp16 per-row, per-block means and scales.
-
-    salient_metric: "hessian" (``w² / [H⁻¹]_jj²``, the published scripts) or "magnitude".
-    """
-
-    salient_metric: str = "hessian"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.salient_metric not in ("hessian", "magnitude"):
-            raise ValueError(f"BiLLMConfig.salient_metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
-
-    def binarize_matrix(self, W, H):
-        return _algorithms().billm_quantize(W, H, blocksize=self.blocksize, percdamp=self.percdamp,
-                                            salient_metric=self.salient_metric)
-
-
-@dataclass
-class ARBLLMConfig(BinarizationConfig):
-    """ARB-LLM (Li et al., ICLR 2025): alternating refined binarization on BiLLM's partition.
-
-    variant: "arb" (alternating μ/α/B updates), "x" (ARB-X: calibration-aware refinement with the
-    Hessian; the default, ARB-LLM_X with ``cgb=True``), "rc" (ARB-RC: row-and-column scales, no mean).
-    cgb: column-group bitmap (salient columns split in two order-2 groups; no extra bits counted).
-    iters: alternating refinement iterations (15 in the paper).
-
-    Fake-quant (dequantized weights stored in the original dtype; no memory saved). Bits as
-    :class:`BiLLMConfig`: ``paper_bits`` = sign planes + bitmaps, ``all_inclusive_bits`` adds the fp16
-    row (and, for "rc", column) statistics.
-    """
-
-    variant: str = "x"
-    cgb: bool = True
-    iters: int = 15
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.variant not in ("arb", "x", "rc"):
-            raise ValueError(f"ARBLLMConfig.variant must be one of 'arb', 'x', 'rc', got {self.variant!r}")
-        if not isinstance(self.cgb, bool):
-            raise ValueError(f"ARBLLMConfig.cgb must be a bool, got {self.cgb!r}")
-        _check_int("ARBLLMConfig", "iters", self.iters, 0)
-
-    def binarize_matrix(self, W, H):
-        return _algorithms().arb_quantize(W, H, variant=self.variant, cgb=self.cgb, iters=self.iters,
-                                          blocksize=self.blocksize, percdamp=self.percdamp)
 
 
 def _mobie_bits_estimate(E, m, n, side, dtype) -> float:

@@ -54,14 +54,24 @@ def _column_split_errors(X: torch.Tensor, inside: torch.Tensor, order: int) -> t
     return ((X * X) @ g - removed).sum((1, 2))
 
 
-def search_salient_columns(T: torch.Tensor, up_lim: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+def column_scores(T: torch.Tensor, metric: str = "l1") -> torch.Tensor:
+    """Column ranking score of the structural search: sum_i |T_ij| ("l1", BiLLM) or ||T_:j||_2 ("l2", HBLLM)."""
+    if metric == "l1":
+        return T.abs().sum(-2)
+    if metric == "l2":
+        return torch.linalg.vector_norm(T, dim=-2)
+    raise ValueError(f"unknown column metric {metric!r}; expected 'l1' or 'l2'")
+
+
+def search_salient_columns(T: torch.Tensor, up_lim: int = 50, metric: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
     """BiLLM's structural search: the salient columns of one block.
 
-    Columns are ranked by sum_i |T_ij|; for k = 1 .. up_lim-1 (at most ncols-1) the top-k columns
-    and the rest are each binarized with 2 residual planes and scored by the squared error on T; the
-    first k with the smallest error wins. Returns (salient column indices, errors for k = 1, 2, ...).
+    Columns are ranked by ``column_scores(T, metric)``; for k = 1 .. up_lim-1 (at most ncols-1) the
+    top-k columns and the rest are each binarized with 2 residual planes and scored by the squared
+    error on T; the first k with the smallest error wins. Returns (salient column indices, errors for
+    k = 1, 2, ...).
     """
-    ranked = torch.sort(T.abs().sum(0), descending=True, stable=True).indices
+    ranked = torch.sort(column_scores(T, metric), descending=True, stable=True).indices
     ks = torch.arange(1, min(up_lim, T.shape[1]), device=T.device)
     if len(ks) == 0:
         return ranked[:0], T.new_zeros(0)

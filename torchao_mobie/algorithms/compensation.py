@@ -47,35 +47,43 @@ def quantize_blockwise(
     compensate: bool = True,
     name: str = "weight",
 ) -> tuple[torch.Tensor, BitBudget]:
-    """Quantize ``W`` [out, in] block by block with ``fn`` and compensate later columns.
+    """Quantize ``W`` [out, in] (or a stack ``[E, out, in]`` with ``H`` [E, in, in]) block by block with
+    ``fn`` and compensate later columns.
 
     ``fn(W_blk, hinv_diag_blk, H_blk) -> (Q_blk, BitBudget)`` receives the current (compensated)
     block, the diagonal of the block of the upper Cholesky factor of H^-1 (BiLLM's saliency divisor)
     and the raw Hessian block (ARB-X's S, up to scale). Dead inputs (H_jj == 0) get H_jj = 1 and a
     zeroed weight column, as GPTQ. After each block, ``W[:, ed:] -= Err @ Hinv[st:ed, ed:]`` with
     ``Err = (W_blk - Q_blk) / hinv_diag``; ``compensate=False`` skips that (BiLLM's disable_gptq).
-    Returns the fp32 dequantized matrix and the summed bit budget.
+    For a stack, ``fn`` gets ``[E, out, c]``, ``[E, c]`` and ``[E, c, c]`` and the experts' factors are
+    computed one by one (each with its own damping retries). Returns the fp32 dequantized matrix
+    and the summed bit budget.
     """
     W = W.detach().float().clone()
     H = H.detach().float().to(W.device)
-    if H.shape != (W.shape[1], W.shape[1]):
+    n = W.shape[-1]
+    if W.dim() not in (2, 3) or H.shape != (*W.shape[:-2], n, n):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
-    dead = torch.diag(H) == 0
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
     Hfix = H.clone()
-    Hfix[dead, dead] = 1
-    W[:, dead] = 0
-    U = inverse_hessian_factor(Hfix, percdamp, name)
+    torch.diagonal(Hfix, dim1=-2, dim2=-1).masked_fill_(dead, 1)
+    W.masked_fill_(dead.unsqueeze(-2), 0)
+    if W.dim() == 2:
+        U = inverse_hessian_factor(Hfix, percdamp, name)
+    else:
+        U = torch.stack([inverse_hessian_factor(h, percdamp, f"{name}[expert {e}]") for e, h in enumerate(Hfix)])
+    diag = torch.diagonal(U, dim1=-2, dim2=-1)
 
     Q = torch.empty_like(W)
     budget = BitBudget()
-    for st in range(0, W.shape[1], blocksize):
-        ed = min(st + blocksize, W.shape[1])
-        d = torch.diag(U)[st:ed]
-        Qb, b = fn(W[:, st:ed], d, H[st:ed, st:ed])
+    for st in range(0, n, blocksize):
+        ed = min(st + blocksize, n)
+        d = diag[..., st:ed]
+        Qb, b = fn(W[..., st:ed], d, H[..., st:ed, st:ed])
         if not torch.isfinite(Qb).all():
             raise ValueError(f"{name}: non-finite values in quantized block [{st}:{ed}]")
         if compensate:
-            W[:, ed:] -= ((W[:, st:ed] - Qb) / d) @ U[st:ed, ed:]
-        Q[:, st:ed] = Qb
+            W[..., ed:] -= ((W[..., st:ed] - Qb) / d.unsqueeze(-2)) @ U[..., st:ed, ed:]
+        Q[..., st:ed] = Qb
         budget = budget + b
     return Q, budget
