@@ -4,7 +4,7 @@
     python benchmarks/methods.py --name mobie --methods mobie billm arb-x arb-rc --seeds 0 1 2
     python -m torchao_mobie.zoo.train --heldout --all                   # held-out models (not committed)
     python benchmarks/methods.py --name heldout --models heldout-mixtral-9m heldout-qwen3moe-12m \
-        --methods sign billm arb-rc arb-x --seeds 0 1 2 --corpora wikitext2  # vs the published code
+        --methods sign billm arb-rc arb-x hbllm --seeds 0 1 2 --corpora wikitext2  # vs the published code
 
 Writes benchmarks/results/<name>.json (every row + the command), <name>.md (mean over seeds, spread in
 brackets) and <name>.png (WikiText-2 gap vs all-inclusive bits per model).
@@ -27,9 +27,12 @@ from torchao_mobie.zoo import ZOO, available
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # WikiText-2 gap of the published BiLLM / ARB-LLM code (and naive sign) on held-out models of the same
-# kind, mean of three calibration seeds (design/paper_and_baselines.md §11)
-PEER_GAPS = {"heldout-mixtral-9m": {"billm": 0.044, "arb-rc": 0.032, "arb-x": 0.029, "sign": 0.38},
-             "heldout-qwen3moe-12m": {"billm": 0.062, "arb-rc": 0.047, "arb-x": 0.027, "sign": 0.35}}
+# kind, mean of three calibration seeds (design/paper_and_baselines.md §11); HBLLM and the DeepSeek-V3
+# kind: one seed (issue 15, design/paper_and_baselines.md §12). Same-model comparisons with the published
+# HBLLM code: benchmarks/peer_hbllm.py.
+PEER_GAPS = {"heldout-mixtral-9m": {"billm": 0.044, "arb-rc": 0.032, "arb-x": 0.029, "sign": 0.38, "hbllm": 0.0083},
+             "heldout-qwen3moe-12m": {"billm": 0.062, "arb-rc": 0.047, "arb-x": 0.027, "sign": 0.35, "hbllm": 0.0087},
+             "heldout-deepseekv3-9m": {"billm": 0.035, "arb-x": 0.023, "hbllm": 0.0116}}
 METRICS = ("paper_bits", "all_inclusive_bits", "wikitext2_gap", "ptb_gap", "wikitext2_topk_kept", "ptb_topk_kept",
            "wikitext2_kl", "ptb_kl", "quant_seconds")
 

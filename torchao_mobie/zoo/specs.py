@@ -81,6 +81,14 @@ HELDOUT: dict[str, ZooSpec] = {
             hidden_size=256, intermediate_size=1024, moe_intermediate_size=104, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
             num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01)),
+        # DeepSeek-V3 style: MLA attention, a dense first layer, 1 shared + 32 routed experts (top-6),
+        # grouped sigmoid routing (4 groups, top-2 groups) with a score-correction bias and a routed scale
+        ZooSpec("heldout-deepseekv3-9m", "deepseek_v3", "fine-grained", dict(
+            hidden_size=256, intermediate_size=768, moe_intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=32, n_shared_experts=1,
+            num_experts_per_tok=6, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+            kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
+            norm_topk_prob=True)),
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)
