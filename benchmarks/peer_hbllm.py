@@ -80,25 +80,34 @@ def load_peer(peer_dir: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peer-dir", type=Path, required=True, help="checkout of github.com/Yeyke/HBLLM")
-    ap.add_argument("--models", nargs="+", required=True)
+    ap.add_argument("--models", nargs="*", default=[], help="held-out or zoo models to run (none: only --append/--merge rows)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0])
     ap.add_argument("--eval-windows", type=int, default=300)
     ap.add_argument("--name", default="hbllm_peer")
+    ap.add_argument("--append", action="store_true", help="keep the rows of <name>.json for other models and seeds")
+    ap.add_argument("--merge", nargs="*", default=[], metavar="NAME", help="also add the rows of NAME.json (parallel runs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     load_peer(args.peer_dir)
     command = "python benchmarks/peer_hbllm.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
+    rows, commands, out_json = [], [command], RESULTS / f"{args.name}.json"
+    if args.append and out_json.exists():
+        old = json.loads(out_json.read_text())
+        rows = [r for r in old["rows"] if (r["model"], r["seed"]) not in {(m, sd) for m in args.models for sd in args.seeds}]
+        commands = old["commands"] + commands
+    for name in args.merge:
+        other = json.loads((RESULTS / f"{name}.json").read_text())
+        rows, commands = rows + other["rows"], commands + other["commands"]
     for model in args.models:
         for seed in args.seeds:
             rows += compare_methods(model, {"hbllm": HBLLMConfig(), "hbllm-published": PublishedHBLLMConfig()},
                                     eval_windows=args.eval_windows, seed=seed, progress=False)
             print(f"[{model} seed {seed}] done", flush=True)
-    lines = [f"Command: `{command}`", "", "WikiText-2 gap = ln(PPL_q) - ln(PPL_fp), 32x256 WikiText-2 calibration "
+    lines = [f"Command: `{' ; '.join(commands)}`", "", "WikiText-2 gap = ln(PPL_q) - ln(PPL_fp), 32x256 WikiText-2 calibration "
              "tokens; the same per-expert Hessians feed both binarizers.", "",
              "| model | seeds | ours | published code | ours / published | per-seed ours | per-seed published | "
              "top-k kept ours / published | quant s ours / published |", "|---|---|---|---|---|---|---|---|---|"]
-    for model in args.models:
+    for model in dict.fromkeys(r["model"] for r in rows):
         ours = [r for r in rows if r["model"] == model and r["method"] == "hbllm"]
         peer = [r for r in rows if r["model"] == model and r["method"] == "hbllm-published"]
         mean = lambda rs, k: statistics.fmean(r[k] for r in rs)  # noqa: E731
@@ -110,7 +119,7 @@ def main(argv=None):
                      f"{mean(ours, 'quant_seconds'):.1f} / {mean(peer, 'quant_seconds'):.1f} |")
     md = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"commands": commands, "rows": rows}, indent=1))
     (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
 

@@ -2,11 +2,12 @@
 
     python benchmarks/quant_time.py                        # every committed zoo model, mobie vs billm vs arb-x
     python benchmarks/quant_time.py --models qwen3moe-32e --methods mobie billm --repeats 3
+    python benchmarks/quant_time.py --name quant_time_hbllm --methods billm hbllm   # HBLLM vs BiLLM
 
 The tables of ``methods.py`` carry a ``quant_seconds`` column too, but those runs share the machine with
 evaluation and other jobs; here every method sees the same calibration tokens, one thread, and the
 methods alternate (``--repeats`` rounds, the median is reported), so the ratios are comparable.
-Writes benchmarks/results/quant_time.{json,md}.
+Writes benchmarks/results/<name>.{json,md} (default quant_time).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--name", default="quant_time", help="results file stem")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     models = args.models or [m for m in available() if ZOO[m].style != "micro"]
@@ -63,12 +65,12 @@ def main(argv=None):
             print(rows[-1], flush=True)
     command = "python benchmarks/quant_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quant_time.json").write_text(json.dumps({"command": command, "threads": 1, "rows": rows}, indent=1))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"command": command, "threads": 1, "rows": rows}, indent=1))
     lines = [f"Command: `{command}` (one thread, methods alternating, median of {args.repeats})", "",
              "| model | method | median s | runs | vs BiLLM |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['method']} | {r['median_seconds']} | {r['runs']} | {r['vs_billm']} |" for r in rows]
     md = "\n".join(lines) + "\n"
-    (RESULTS / "quant_time.md").write_text(md)
+    (RESULTS / f"{args.name}.md").write_text(md)
     print(md)
 
 

@@ -57,6 +57,10 @@ def test_heldout_specs_are_the_published_peer_kind():
     assert 11.5e6 < sizes["heldout-qwen3moe-12m"] < 12.5e6
     q = HELDOUT["heldout-qwen3moe-12m"].build_config()
     assert (q.num_experts, q.num_experts_per_tok) == (32, 8) and 0.35 < q.moe_intermediate_size / q.hidden_size < 0.45
+    d = HELDOUT["heldout-deepseekv3-9m"].build_config()  # the DeepSeek-V3 kind of issue 15's HBLLM table
+    assert d.model_type == "deepseek_v3" and 8.5e6 < sizes["heldout-deepseekv3-9m"] < 10e6
+    assert (d.n_routed_experts, d.n_shared_experts, d.num_experts_per_tok, d.first_k_dense_replace) == (32, 1, 6, 1)
+    assert d.n_group > 1 and d.topk_group < d.n_group and d.kv_lora_rank and d.routed_scaling_factor != 1
 
 
 def test_training_is_deterministic(tmp_path):
