@@ -11,7 +11,9 @@ of this repository; nothing of it is copied here) and imports its ``bigptq.HBRAG
 The published quantizer runs unchanged, expert matrix by expert matrix, with the README's LLaMA setting
 (row-hbraq, l2, group_partition row, block 128, damping 0.01; ``groupsize`` = blocksize as its run.py
 sets it), on the per-expert Hessians our pipeline collects, so only the binarizer differs. Its CUDA
-synchronisation is a no-op on CPU. Writes benchmarks/results/hbllm_peer.{json,md}.
+synchronisation is a no-op on CPU, and its structural search, which needs 50 columns per block, is
+capped at the block's width on narrower last blocks (as ours is; otherwise it stops with a torch.topk
+error, e.g. on heldout-mixtral-9m's down_proj: 288 = 128 + 128 + 32 columns). Writes benchmarks/results/hbllm_peer.{json,md}.
 """
 
 from __future__ import annotations
@@ -71,10 +73,18 @@ def load_peer(peer_dir: Path):
         raise SystemExit(f"error: --peer-dir {peer_dir} holds no bigptq.py (a checkout of github.com/Yeyke/HBLLM)")
     sys.path.insert(0, str(peer_dir))
     torch.cuda.synchronize = lambda *a, **k: None  # the published code syncs after each matrix
-    from bigptq import HBRAGPTQ
+    import bigptq
     from haarbinary import HaarBinarization
 
-    _PEER.update(HBRAGPTQ=HBRAGPTQ, HaarBinarization=HaarBinarization)
+    search = bigptq.structural_guassian_distribution
+
+    def capped(tmp, H=None, metric="l2", up_lim=30):
+        # the published search needs >= up_lim (50) columns per block (torch.topk); narrower last blocks
+        # (e.g. in_features 288 = 128 + 128 + 32) get every count 1 .. ncols-1, as ours does
+        return search(tmp, H, metric, min(up_lim, tmp.shape[1]))
+
+    bigptq.structural_guassian_distribution = capped
+    _PEER.update(HBRAGPTQ=bigptq.HBRAGPTQ, HaarBinarization=HaarBinarization)
 
 
 def main(argv=None):

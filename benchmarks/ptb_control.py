@@ -64,7 +64,7 @@ def noise_rows(model_name: str, sigmas, seeds, windows: int, data_dir=None) -> l
 def method_rows(models, path: Path) -> list[dict]:
     if not path.exists():
         return []
-    keep = ("mobie", "billm", "arb", "arb-x", "arb-rc")
+    keep = ("mobie", "billm", "arb", "arb-x", "arb-rc", "hbllm")
     return [{k: r[k] for k in ("model", "method", "seed", "wikitext2_gap", "wikitext2_kl", "ptb_gap", "ptb_kl")}
             for r in json.loads(path.read_text())["rows"]
             if r["model"] in models and r["method"] in keep and r.get("calib", "wikitext2") == "wikitext2"]
@@ -93,7 +93,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(len(models), 2, figsize=(10, 4 * len(models)), squeeze=False)
-    colors = {"mobie": "C3", "billm": "C0", "arb": "C1", "arb-x": "C2", "arb-rc": "C4"}
+    colors = {"mobie": "C3", "billm": "C0", "arb": "C1", "arb-x": "C2", "arb-rc": "C4", "hbllm": "C5"}
     for i, model in enumerate(models):
         for j, c in enumerate(CORPORA):
             ax = axes[i][j]
