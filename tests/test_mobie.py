@@ -247,6 +247,25 @@ def test_alternation_never_worsens_an_expert_with_almost_no_tokens():
     assert torch.isfinite(res.parts["row_scale"]).all() and torch.isfinite(res.parts["col_scale"]).all()
 
 
+def test_rank_damp_ridges_exactly_the_experts_with_singular_hessians():
+    """An expert routed fewer tokens than its inputs has rank(H) <= tokens: its Hessian (and only its,
+    fallback experts excepted) gets rank_damp * mean diag * I after the usual mixing."""
+    from torchao_mobie.config import QuantContext
+
+    W, H, X = _problem(4, 24, 16, T=200)
+    H[1] = X[1, :5].T @ X[1, :5] / 5  # 5 tokens for 16 inputs: singular
+    H[3] = X[3, :3].T @ X[3, :3] / 3  # 3 tokens, but on the layer-level fallback Hessian in the pipeline
+    ctx = QuantContext(projection="gate_up_proj", token_counts=torch.tensor([200, 5, 200, 3]), fallback_experts=[3])
+    plain = MoBiEConfig(glas=False, rank_damp=0.0)._hessians(H, ctx)
+    damped = MoBiEConfig(glas=False, rank_damp=0.01)._hessians(H, ctx)
+    torch.testing.assert_close(damped[[0, 2, 3]], plain[[0, 2, 3]], rtol=0, atol=0)
+    ridge = 0.01 * plain[1].diagonal().mean() * torch.eye(16)
+    torch.testing.assert_close(damped[1], plain[1] + ridge)
+    assert torch.linalg.matrix_rank(plain[1]) <= 5 < torch.linalg.matrix_rank(damped[1])
+    with pytest.raises(ValueError, match="MoBiEConfig.rank_damp"):
+        MoBiEConfig(rank_damp=-0.1)
+
+
 def test_bits_accounting():
     E, m, n = 4, 24, 16
     W, H, _ = _problem(E, m, n)
