@@ -129,9 +129,7 @@ class HBLLMConfig(BinarizationConfig):
 
     def quantize_experts(self, W3d, H3d, *, context=None):
         """Every expert of the projection in one vectorized call (``[E, out, in]``)."""
-        if W3d.dim() != 3 or H3d.dim() != 3 or H3d.shape[0] != W3d.shape[0] or H3d.shape[1:] != (W3d.shape[2],) * 2:
-            raise ValueError(f"HBLLMConfig.quantize_experts: expected W3d [E, out, in] and H3d [E, in, in], "
-                             f"got {list(W3d.shape)} and {list(H3d.shape)}")
+        self._check_expert_shapes(W3d, H3d)
         name = context.name if context is not None and context.name else "experts"
         res = _algorithms().hbllm_quantize(W3d.float(), H3d.float(), name=name, **self._kwargs())
         return BinarizedExperts(res.weight, res.bits, [{} for _ in range(W3d.shape[0])])

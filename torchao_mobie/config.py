@@ -185,9 +185,7 @@ class BinarizationConfig(AOBaseConfig):
         The base implementation binarizes each expert independently with :meth:`binarize_matrix`
         (inputs are cloned: the algorithms may work in place). Override for joint methods.
         """
-        if W3d.dim() != 3 or H3d.dim() != 3 or H3d.shape[0] != W3d.shape[0] or H3d.shape[1:] != (W3d.shape[2],) * 2:
-            raise ValueError(f"{type(self).__name__}.quantize_experts: expected W3d [E, out, in] and H3d [E, in, in], "
-                             f"got {list(W3d.shape)} and {list(H3d.shape)}")
+        self._check_expert_shapes(W3d, H3d)
         out, bits, parts = torch.empty_like(W3d, dtype=torch.float32), BitBudget(), []
         for e in range(W3d.shape[0]):
             res = self.binarize_matrix(W3d[e].float().clone(), H3d[e].float().clone())
@@ -195,6 +193,11 @@ class BinarizationConfig(AOBaseConfig):
             bits = bits + res.bits
             parts.append(res.parts)
         return BinarizedExperts(out, bits, parts)
+
+    def _check_expert_shapes(self, W3d: torch.Tensor, H3d: torch.Tensor) -> None:
+        if W3d.dim() != 3 or H3d.dim() != 3 or H3d.shape[0] != W3d.shape[0] or H3d.shape[1:] != (W3d.shape[2],) * 2:
+            raise ValueError(f"{type(self).__name__}.quantize_experts: expected W3d [E, out, in] and H3d [E, in, in], "
+                             f"got {list(W3d.shape)} and {list(H3d.shape)}")
 
     def quantize_linear(self, W: torch.Tensor, H: torch.Tensor, *,
                         context: QuantContext | None = None) -> BinarizedWeight:
@@ -297,12 +300,11 @@ class MoBiEConfig(BinarizationConfig):
         nges_decay: weight of the router of layer l+1+d is ``nges_decay**d``.
         percdamp: damping of the factor Hessian in the GPTQ sign pass (default 0.1: measured better on
             held-out calibration statistics than 0.01).
-        rank_damp: ridge ``rank_damp·mean(diag H_e)·I`` on every expert routed fewer calibration tokens than
-            its input features (singular Hessian), for all CEJD fits; 0 = off. Without it the joint fits
-            diverge on such an expert and the shared backbone spreads the damage (held-out mixtral-9m seed 2,
-            layer 1 down_proj: expert 0 with 162 tokens for 288 inputs reached 3860x its weight norm; output
-            error 0.02-0.73 of the energy vs 0.002-0.008 with it; gap 0.060 vs 0.010). Fallback experts are
-            full rank and left alone. GPTQ's 1% damping; benchmarks/results/rank_damp.md.
+        rank_damp: ridge ``rank_damp·mean(diag H_e)·I`` on every non-fallback expert routed fewer calibration
+            tokens than its inputs (singular Hessian), for all CEJD fits; 0 = off. Without it the joint fits
+            diverged on such an expert and the shared backbone spread the damage (held-out mixtral-9m seed 2,
+            layer 1 down_proj: 162 tokens for 288 inputs, 3860x its weight norm, output error 0.02-0.73 of
+            the energy vs 0.002-0.008; gap 0.060 vs 0.010). GPTQ's 1% damping; benchmarks/results/rank_damp.md.
         hdamp: ridge ``hdamp·mean(diag H)·I`` added to every expert Hessian for all CEJD fits (limits
             over-fitting the calibration tokens). Default 0. None = 1.0 for input-side backbones of coarse
             layers (< 16 experts), 0 elsewhere: it lowered the held-out MoE-block error of mixtral-8e
@@ -417,12 +419,10 @@ class MoBiEConfig(BinarizationConfig):
             Hg = Hg / Hg.diagonal(dim1=-2, dim2=-1).sum().clamp_min(1e-30)
             Hs = (1 - self.glas_lambda) * Hs + self.glas_lambda * Hg
         if self.rank_damp > 0 and counts is not None and not context.data_free:
-            singular = counts.cpu() < H.shape[-1]
+            singular = (counts < H.shape[-1]).to(Hs.device)  # rank(H_e) <= routed tokens: a ridge bounds the fits
             singular[[e for e in context.fallback_experts if e < E]] = False
-            if bool(singular.any()):  # rank(H_e) <= routed tokens: a ridge keeps the joint fits bounded
-                md = Hs[singular].diagonal(dim1=-2, dim2=-1).mean(-1)
-                eye = torch.eye(H.shape[-1], dtype=Hs.dtype, device=Hs.device)
-                Hs[singular] = Hs[singular] + self.rank_damp * md[:, None, None] * eye
+            md = Hs[singular].diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            Hs[singular] += self.rank_damp * md * torch.eye(H.shape[-1], dtype=Hs.dtype, device=Hs.device)
         # floor so every expert's problem stays well posed (experts without routed tokens)
         tr = Hs.diagonal(dim1=-2, dim2=-1).mean(-1)
         floor = 1e-3 * tr.mean()

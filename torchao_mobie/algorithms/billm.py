@@ -63,15 +63,15 @@ def column_scores(T: torch.Tensor, metric: str = "l1") -> torch.Tensor:
     raise ValueError(f"unknown column metric {metric!r}; expected 'l1' or 'l2'")
 
 
-def search_salient_columns(T: torch.Tensor, up_lim: int = 50, metric: str = "l1") -> tuple[torch.Tensor, torch.Tensor]:
+def search_salient_columns(T: torch.Tensor, up_lim: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
     """BiLLM's structural search: the salient columns of one block.
 
-    Columns are ranked by ``column_scores(T, metric)``; for k = 1 .. up_lim-1 (at most ncols-1) the
-    top-k columns and the rest are each binarized with 2 residual planes and scored by the squared
-    error on T; the first k with the smallest error wins. Returns (salient column indices, errors for
-    k = 1, 2, ...).
+    Columns are ranked by sum_i |T_ij| (``column_scores``, "l1"); for k = 1 .. up_lim-1 (at most
+    ncols-1) the top-k columns and the rest are each binarized with 2 residual planes and scored by
+    the squared error on T; the first k with the smallest error wins. Returns (salient column indices,
+    errors for k = 1, 2, ...).
     """
-    ranked = torch.sort(column_scores(T, metric), descending=True, stable=True).indices
+    ranked = torch.sort(column_scores(T), descending=True, stable=True).indices
     ks = torch.arange(1, min(up_lim, T.shape[1]), device=T.device)
     if len(ks) == 0:
         return ranked[:0], T.new_zeros(0)
