@@ -18,7 +18,8 @@ torchao-native::
 
 from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
 from .baselines import ARBLLMConfig, BiLLMConfig, HBLLMConfig, SignBinaryConfig
-from .config import BinarizationConfig, MoBiEConfig, Scope
+from .config import BinarizationConfig, Scope
+from .mobie import MoBiEConfig
 from . import storage  # registers the "mobie" experts implementation and HF quantizer (packed models)
 
 __all__ = [

@@ -38,6 +38,7 @@ from .calibration import (
     RouterInputStats,
     log_fallback_summary,
 )
+from .calibration.heldback import HeldbackLoss, hold_back
 from .config import ALL_SCOPES, BinarizationConfig, BinarizedExperts, QuantContext, Scope
 from .integrations.transformers import (
     PROJECTIONS,
@@ -320,7 +321,7 @@ def _quantize_with_ridge_fallback(run, h: torch.Tensor, name: str, config: Binar
 
 def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | None, config: BinarizationConfig,
                    name: str, router_stats: RouterInputStats | None = None, guided_hessian: torch.Tensor | None = None,
-                   downstream_routers: list | None = None) -> BinarizationRecord:
+                   downstream_routers: list | None = None, judge=None) -> BinarizationRecord:
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
     if hess is None:
@@ -330,7 +331,8 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
         h3d = hess.hessian
         ctx = QuantContext(name=name, projection=projection, token_counts=hess.counts,
                            fallback_experts=hess.fallback_experts, router_stats=router_stats,
-                           guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []))
+                           guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []),
+                           calibration_split=hess.split, judge=judge, sibling_bits=_sibling_bits(info, projection))
     if hess is None:
         res = config.quantize_experts(w, h3d, context=ctx)
     else:
@@ -354,6 +356,11 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
                              fallback_experts=[] if hess is None else hess.fallback_experts)
     _records(info.module)[projection] = rec
     return rec
+
+
+def _sibling_bits(info: ExpertsInfo, projection: str) -> float | None:
+    rec = _records(info.module).get("gate_up_proj") if projection == "down_proj" else None
+    return None if rec is None else rec.bits.all_inclusive_bits
 
 
 def _apply_linear(module: nn.Linear, hessian: torch.Tensor | None, config: BinarizationConfig,
@@ -566,6 +573,7 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
 class _Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None
+    heldback: bool = False  # rows held back for choices judged out of sample (calibration.heldback)
 
     @property
     def token_mask(self) -> torch.Tensor | None:
@@ -758,18 +766,30 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
     return out
 
 
+def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: list[_Batch]) -> HeldbackLoss | None:
+    """The held-back loss judge, when there are held-back batches and the model has its LM head."""
+    norm = getattr(_base_model(model), "norm", None)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not any(b.heldback for b in batches) or norm is None or lm_head is None:
+        return None
+    return HeldbackLoss([layer.module for layer in layout.layers], calls, batches,
+                        lambda h: lm_head(norm(h)), _layer_output)
+
+
 def _routing_weighted(config) -> bool:
     return bool(getattr(config, "route_weighted", False))
 
 
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
-               report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None) -> None:
+               report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
+               heldloss=None) -> None:
     experts = None
     guided = {}
     if stage.projections:
         experts = ExpertStatsCollector(layer.moe.experts, stage.projections,
                                        min_expert_tokens=config.min_expert_tokens,
-                                       routing_weighted=_routing_weighted(config)).attach()
+                                       routing_weighted=_routing_weighted(config),
+                                       heldback=bool(getattr(config, "needs_heldback", False))).attach()
         if glas is not None:
             from .calibration.gradients import GLASCollector
 
@@ -781,6 +801,8 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
         for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
             for c in collectors:
                 c.token_mask = b.token_mask
+            if experts is not None:
+                experts.heldback_mask = torch.full((b.input_ids.numel(),), b.heldback, device=b.input_ids.device)
             for p, c in guided.items():  # None past the batches with gradients: the collector skips them
                 c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
             layer.module(h, *args, **kwargs)
@@ -801,7 +823,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
             name = f"{info.fqn}.{p}"
             gh = guided[p].guided_hessian(p) if p in guided else None
             report.parameters[name] = _apply_experts(info, p, hess, config, name, router_stats=stats, guided_hessian=gh,
-                                                     downstream_routers=downstream if p == "down_proj" else None).bits
+                                                     downstream_routers=downstream if p == "down_proj" else None,
+                                                     judge=None if heldloss is None else
+                                                     heldloss.judge(layer.index, hidden, info, p)).bits
             events.append(hess.event)
             if hess.event.experts:
                 report.fallback_events.append(hess.event)
@@ -858,6 +882,8 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     device = emb.weight.device if emb is not None else next(model.parameters()).device
     batches = _calibration_batches(calibration, batch_size, device)
     _check_calibration(model, batches)
+    if getattr(config, "needs_heldback", False) and experts:
+        batches = hold_back(batches, _Batch)
     report = QuantizationReport(config=type(config).__name__, calibration_tokens=sum(b.n_tokens for b in batches))
 
     was_training = model.training
@@ -876,13 +902,14 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                 glas = compute_glas_weights(model, experts, batches[:n], power=config.glas_power)
                 _forward_batches(model, batches[n:])
         hidden, calls = _capture_layer_inputs(model, layout, batches, forward)
+        heldloss = _heldback_loss(model, layout, calls, batches)
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
             events: list[FallbackEvent] = []
             for stage in _stages(layer, scope, true_sequential):
                 _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
-                           downstream=_downstream_routers(layout, layer.index))
+                           downstream=_downstream_routers(layout, layer.index), heldloss=heldloss)
             log_fallback_summary(layer.fqn, events)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]

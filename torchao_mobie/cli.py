@@ -319,7 +319,7 @@ def cmd_quantize(args):
     from torchao.core.config import config_to_dict
 
     from .api import MARKER, quantize_model
-    from .config import MoBiEConfig
+    from .mobie import MoBiEConfig
     from .data import CORPORA, calibration_samples, tokenize_corpus
     from .integrations.transformers import discover_moe_layout
     from .storage import memory_report, pack_model

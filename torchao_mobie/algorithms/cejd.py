@@ -11,7 +11,7 @@ For one projection of one MoE layer with experts ``W_e [m, n]`` and input Hessia
 * the **per-expert factor** is binary with row and column scales, no mean:
   ``Q_e = diag(row_scale_e) · sign_e · diag(col_scale_e)`` (optionally plus a second residual plane
   ``diag(row_scale_e) · sign2_e · diag(col_scale2_e)`` on the few factor columns with the most
-  output-error energy, BiLLM-style salient columns, input side only);
+  output-error energy, BiLLM-style salient columns; all ``n`` columns = a full second plane);
 * everything minimizes the *original* layer's output error
   ``f = Σ_e tr(G (W_e − Ŵ_e) H_e (W_e − Ŵ_e)ᵀ)`` (``G = I``, or NGES's output metric): the factor
   sees the transformed metrics (input side: right metric ``S H_e Sᵀ``; output side: left metric
@@ -540,12 +540,17 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         prev = None if B is None else (B, a, b, B2, b2)
         if B is None:
             a, b = _init_scales(fm.A)
-            sal = select_salient(fm, salient_cols) if fside == "input" else None
+            sal = select_salient(fm, salient_cols)
         B, b, B2, b2 = gptq_signs(fm.A, fm.Hf, a, None if fm.Gf is None else fm.Gf.diagonal(dim1=-2, dim2=-1),
                                   percdamp, sal)
-        B, a, b, B2, b2 = refit_scales(B, a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+        # every closed-form step is kept per expert only if it helps: on a nearly singular Hessian (few
+        # tokens) two planes on one column can cancel with scales beyond fp16
+        better = lambda Q: _obj(W, Q, full, fside, H, G, True)  # noqa: E731
+        f = (B, a, b, B2, b2)
+        f = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
         if r == rounds - 1:  # refined signs in an earlier round anchor the backbone refit in a worse optimum
-            B, a, b, B2, b2 = _refine(B, a, b, B2, b2, sal, fm, refine, scale_rounds)
+            f = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds), sal, better)
+        B, a, b, B2, b2 = f
         if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
             B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, lambda Q: _obj(W, Q, full, fside, H, G, True))
         Q = _factor(a, B, b, B2 if sal is not None else None, b2)

@@ -35,10 +35,13 @@ class ExpertHessians:
     fallback: the experts that use the layer-level Hessian, with the event describing it.
     """
 
-    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent):
+    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent, split=None):
         self.hessian = hessian
         self.counts = counts
         self.event = event
+        # (fit mean [E, in, in], fit counts [E], held-back mean, held-back counts): the calibration tokens
+        # split in two (fallback experts: their fallback Hessian in both), or None
+        self.split = split
 
     @property
     def fallback_experts(self) -> list[int]:
@@ -51,6 +54,10 @@ class ExpertStatsCollector:
     projections: which per-expert Hessians to collect (``"gate_up_proj"``, ``"down_proj"``).
     min_expert_tokens: experts with fewer routed tokens fall back to the layer-level Hessian.
     token_mask: optional ``[T]`` bool set by the caller before each batch (False = padding, ignored).
+    heldback: also split the Hessians in a fit part and a held-back part (the main ones keep every token);
+        the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch. The fit part
+        is accumulated on its own (a true sum of outer products, positive semi-definite) and the held-back
+        part, which only judges, is the difference.
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -58,7 +65,8 @@ class ExpertStatsCollector:
     """
 
     def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
-                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, routing_weighted: bool = False):
+                 min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, routing_weighted: bool = False,
+                 heldback: bool = False):
         for p in projections:
             if p not in PROJECTIONS:
                 raise ValueError(f"unknown projection {p!r}; expected one of {PROJECTIONS}")
@@ -77,6 +85,10 @@ class ExpertStatsCollector:
         self.layer_tokens = 0
         self._down_all: dict[int, torch.Tensor] = {}  # starved experts' down inputs over all tokens
         self.token_mask: torch.Tensor | None = None
+        self.heldback = bool(heldback)
+        self.heldback_mask: torch.Tensor | None = None
+        self.fit_sums: dict[str, torch.Tensor] = {}
+        self.fit_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
         self._handle = None
         for p in projections:
             self.enable(p)
@@ -97,6 +109,8 @@ class ExpertStatsCollector:
                 f"{self.layer_tokens} tokens were already observed; observe all projections before calibrating")
         d = self.experts.in_features(projection)
         self.sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
+        if self.heldback:
+            self.fit_sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
 
     def attach(self) -> "ExpertStatsCollector":
         if self._handle is None:
@@ -146,16 +160,18 @@ class ExpertStatsCollector:
         routed = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=mask,
                               pair_weights=pair_weights)
         self.counts += routed.counts
-        h_gu, h_dn = self.sums.get("gate_up_proj"), self.sums.get("down_proj")
-        for e, s, t in routed.segments():
-            xe = x.index_select(0, routed.token_idx[s:t])  # one expert's tokens at a time (bounded peak memory)
-            w = None if routed.pair_weights is None else routed.pair_weights[s:t]
-            if h_gu is not None:
-                add_outer(h_gu[e], xe, w)
-            if h_dn is not None:
-                add_outer(h_dn[e], info.down_input(xe, e), w)
+        self._add(self.sums, routed, x)
+        if self.heldback:
+            fit = torch.ones(x.shape[0], dtype=torch.bool, device=self.device)
+            if self.heldback_mask is not None:
+                fit = ~self.heldback_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+            fit = fit if mask is None else fit & mask
+            routed_fit = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=fit,
+                                      pair_weights=pair_weights)
+            self.fit_counts += routed_fit.counts
+            self._add(self.fit_sums, routed_fit, x)
 
-        if h_dn is not None:
+        if "down_proj" in self.sums:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
             # Counts only grow, so an expert starved at the end was starved after every batch and its
             # accumulator covers all of them; experts crossing the threshold drop theirs.
@@ -169,6 +185,17 @@ class ExpertStatsCollector:
                     d = info.intermediate_dim
                     acc = self._down_all[e] = torch.zeros(d, d, device=self.device)
                 add_outer(acc, info.down_input(x_layer, e))
+
+    def _add(self, sums: dict, routed, x: torch.Tensor) -> None:
+        info = self.experts
+        h_gu, h_dn = sums.get("gate_up_proj"), sums.get("down_proj")
+        for e, s, t in routed.segments():
+            xe = x.index_select(0, routed.token_idx[s:t])  # one expert's tokens at a time (bounded peak memory)
+            w = None if routed.pair_weights is None else routed.pair_weights[s:t]
+            if h_gu is not None:
+                add_outer(h_gu[e], xe, w)
+            if h_dn is not None:
+                add_outer(h_dn[e], info.down_input(xe, e), w)
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -225,4 +252,16 @@ class ExpertStatsCollector:
                               token_counts=[int(counts[e]) for e in fallback],
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
                               experts_total=self.experts.num_experts, notes=notes)
-        return ExpertHessians(hessian=h, counts=counts, event=event)
+        split = None
+        if projection in self.fit_sums:
+            fc = self.fit_counts.clone()
+            hc = counts - fc
+            fit_sum = self.fit_sums.pop(projection)
+            held = (h * counts.clamp(min=1).to(h.dtype).view(-1, 1, 1) - fit_sum).div_(hc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+            fit = fit_sum.div_(fc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+            for e in set(fallback) | set((fc == 0).nonzero().flatten().tolist()):
+                fit[e] = h[e]
+            for e in fallback:
+                held[e] = h[e]
+            split = (fit, fc, held, hc)
+        return ExpertHessians(hessian=h, counts=counts, event=event, split=split)

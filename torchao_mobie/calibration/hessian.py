@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["HessianAccumulator", "add_outer", "check_finite_activations"]
+__all__ = ["HessianAccumulator", "add_outer", "check_finite_activations", "joint_expert_metric"]
 
 
 def check_finite_activations(x: torch.Tensor, where: str) -> None:
@@ -53,3 +53,38 @@ class HessianAccumulator:
         if self.count == 0:
             raise ValueError("HessianAccumulator.mean(): no inputs were observed")
         return self.sum / self.count
+
+
+def joint_expert_metric(H: torch.Tensor, counts: torch.Tensor | None, *, guided: torch.Tensor | None = None,
+                        glas_lambda: float = 0.0, rank_damp: float = 0.0, fallback_experts=()) -> torch.Tensor:
+    """The per-expert Hessians of one joint objective over the experts of a projection.
+
+    ``H [E, in, in]`` mean Hessians become sums (``counts`` routed tokens, None = equal usage), so an
+    expert weighs by its share of the calibration tokens; the whole is trace-normalized and mixed with the
+    trace-normalized gradient-weighted sums ``guided`` (GLAS) at ``glas_lambda``. Experts routed fewer
+    tokens than inputs (singular ``H_e``, fallbacks excepted) get a ridge of ``rank_damp`` of their mean
+    diagonal, and experts with almost no mass a floor, so every expert's problem stays well posed.
+    """
+    H = H.float()
+    E, n = H.shape[0], H.shape[-1]
+    w = torch.ones(E) if counts is None else counts.float().cpu()
+    if counts is not None:
+        w = w.clamp_min(max(1e-2 * float(w.mean()), 1.0))
+    Hs = H * w.to(H.device)[:, None, None]
+    Hs = Hs / Hs.diagonal(dim1=-2, dim2=-1).sum().clamp_min(1e-30)
+    if guided is not None and glas_lambda > 0:
+        Hg = guided.float().to(H.device)
+        Hg = Hg / Hg.diagonal(dim1=-2, dim2=-1).sum().clamp_min(1e-30)
+        Hs = (1 - glas_lambda) * Hs + glas_lambda * Hg
+    eye = torch.eye(n, dtype=Hs.dtype, device=Hs.device)
+    if rank_damp > 0 and counts is not None:
+        singular = (counts < n).to(Hs.device)  # rank(H_e) <= routed tokens: a ridge bounds the fits
+        singular[[e for e in fallback_experts if e < E]] = False
+        md = Hs[singular].diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        Hs[singular] += rank_damp * md * eye
+    tr = Hs.diagonal(dim1=-2, dim2=-1).mean(-1)
+    floor = 1e-3 * tr.mean()
+    low = tr < floor
+    if bool(low.any()):
+        Hs[low] = Hs[low] + floor * H[low] / H[low].diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    return Hs

@@ -25,6 +25,7 @@ class ZooSpec:
     seqlen: int = 256
     lr: float = 3e-3
     train_corpora: tuple = ("wikitext2",)  # train splits, concatenated
+    seed: int = 0  # training seed (``zoo.train --seed`` overrides it)
 
     def build_config(self):
         from transformers import AutoConfig
@@ -89,6 +90,24 @@ HELDOUT: dict[str, ZooSpec] = {
             num_experts_per_tok=6, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
             kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
             norm_topk_prob=True)),
+        # a second coarse model: another size and seed, on the gentler recipe (peak lr 1e-3 over 1500 steps
+        # instead of 3e-3 over 1200) that leaves weights less fragile to binarization
+        ZooSpec("heldout-mixtral-7m-s1", "mixtral", "coarse", dict(
+            hidden_size=224, intermediate_size=320, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=56, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.01), steps=1500, lr=1e-3, seed=1),
+        # OLMoE style with 64 fine experts (top-8), gentle recipe
+        ZooSpec("heldout-olmoe-64e", "olmoe", "fine-grained", dict(
+            hidden_size=224, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False,
+            router_aux_loss_coef=0.01), steps=1500, lr=1e-3, seed=2),
+        # strongly imbalanced routing: Qwen2-MoE style, top-2 of 32 with a shared expert and no load-balancing
+        # loss, so some experts get almost none of the ~16k routed calibration slots (32x256 tokens x 2)
+        ZooSpec("heldout-qwen2moe-imbalanced", "qwen2_moe", "fine-grained", dict(
+            hidden_size=224, intermediate_size=640, moe_intermediate_size=96,
+            shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, num_experts=32, num_experts_per_tok=2, norm_topk_prob=False,
+            router_aux_loss_coef=0.0), seed=3),
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)

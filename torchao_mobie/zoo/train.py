@@ -101,7 +101,7 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--out", type=Path, default=ZOO_DIR)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="training seed (default: the spec's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the spec's step count")
     ap.add_argument("--heldout", action="store_true",
@@ -128,7 +128,7 @@ def main(argv=None):
             import dataclasses
 
             spec = dataclasses.replace(spec, steps=args.steps)
-        train_model(spec, tokenizer, out / n, args.data_dir, args.seed)
+        train_model(spec, tokenizer, out / n, args.data_dir, spec.seed if args.seed is None else args.seed)
 
 
 if __name__ == "__main__":

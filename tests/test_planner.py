@@ -1,0 +1,111 @@
+"""MoBiE's bit planner: layout candidates, budget filling, and the choice by held-back error."""
+
+import pytest
+import torch
+
+from torchao_mobie.algorithms import cejd as C
+from torchao_mobie.algorithms.planner import Plan, bits_estimate, plan_candidates, select_plan
+from torchao_mobie.calibration.experts import ExpertStatsCollector
+from torchao_mobie.config import MoBiEConfig, QuantContext
+
+
+def _spd(E, n, g, tokens=None):
+    X = torch.randn(E, tokens or 4 * n, n, generator=g)
+    return X.transpose(1, 2) @ X / X.shape[1]
+
+
+@pytest.mark.parametrize("side,sal", [("input", 0), ("input", 5), ("output", 7), ("none", 24), ("none", 0)])
+def test_bits_estimate_matches_the_stored_bits(side, sal):
+    g = torch.Generator().manual_seed(0)
+    E, m, n = 6, 16, 24
+    W, H = torch.randn(E, m, n, generator=g), _spd(E, n, g)
+    res = C.cejd_quantize(W, H, side=side, backbone_dtype="int8", rounds=1, salient_cols=sal)
+    assert bits_estimate(E, m, n, side, "int8", sal) == pytest.approx(res.bits.all_inclusive_bits, rel=1e-9)
+    # a second plane exists on the output side and without a backbone too
+    assert (res.parts["sign2"] is not None) == (sal > 0)
+    torch.testing.assert_close(res.weight, C.reconstruct(res.parts))
+
+
+def test_candidates_fill_the_budget_up_to_a_full_second_plane():
+    E, m, n = 32, 192, 256
+    plans = {p.side: p for p in plan_candidates(E, m, n, 1.5, ["input", "output", "none"], "int8")}
+    assert set(plans) == {"input", "output", "none"}
+    for p in plans.values():
+        assert p.bits <= 1.5
+        # one more salient column would break the cap
+        assert bits_estimate(E, m, n, p.side, "int8", p.salient + 1) > 1.5 - 0.02
+    # at a large cap every layout stops at a full second plane
+    for p in plan_candidates(E, m, n, 4.0, ["input", "output", "none"], "int8"):
+        assert p.salient == n
+    # a backbone that alone breaks the cap is no candidate; nothing fitting still gives one plan
+    tight = plan_candidates(8, 64, 64, 1.2, ["input", "output", "none"], "int8")
+    assert [p.side for p in tight] == ["none"]
+    assert plan_candidates(8, 64, 64, 1.01, ["input"], "int8") == [Plan("input", "int8", 0,
+                                                                          bits_estimate(8, 64, 64, "input", "int8"))]
+
+
+def test_select_plan_takes_the_lowest_score_and_skips_fitting_a_single_plan():
+    plans = [Plan("input", "int8", 1, 1.4), Plan("output", "int8", 2, 1.4), Plan("none", "int8", 3, 1.4)]
+    score = {"input": 2.0, "output": float("nan"), "none": 1.0}
+    best, fitted, scores = select_plan(plans, lambda p: p.side, lambda s: score[s])
+    assert best.side == "none" and fitted == "none" and scores[1] == float("inf")
+    calls = []
+    assert select_plan(plans[:1], calls.append, len) == (plans[0], None, []) and calls == []
+
+
+def _experts(kind, E=16, m=48, n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "shared":  # every expert is a small-scale variation of one input-side basis
+        S = torch.randn(n, n, generator=g) * torch.logspace(0, -2, n)[:, None]
+        return torch.randn(E, m, n, generator=g).sign() @ S + 0.01 * torch.randn(E, m, n, generator=g)
+    return torch.randn(E, m, n, generator=g)  # unrelated experts: a backbone only costs bits
+
+
+@pytest.mark.parametrize("kind,expect", [("shared", {"input"}), ("unrelated", {"none"})])
+def test_mobie_chooses_the_layout_from_held_back_error(kind, expect):
+    g = torch.Generator().manual_seed(2)
+    W = _experts(kind)
+    E, m, n = W.shape
+    fit, held = _spd(E, n, g, 96), _spd(E, n, g, 32)
+    fc, hc = torch.full((E,), 96), torch.full((E,), 32)
+    H = (fit * 96 + held * 32) / 128
+    ctx = QuantContext(name="x", projection="gate_up_proj", token_counts=fc + hc,
+                       calibration_split=(fit, fc, held, hc))
+    cfg = MoBiEConfig(max_bits=1.9)
+    res = cfg.quantize_experts(W, H, context=ctx)
+    assert res.parts[0]["side"] in expect
+    assert res.bits.all_inclusive_bits <= 1.9
+    # the chosen layout is never worse than per-expert factors at the same budget (held-back error)
+    alone = MoBiEConfig(max_bits=1.9, cejd=False).quantize_experts(W, H, context=ctx)
+    hw = held * hc[:, None, None]
+    assert C.layer_objective(W, res.weight, hw) <= 1.02 * C.layer_objective(W, alone.weight, hw)
+
+
+def test_collector_keeps_the_held_back_tokens_apart():
+    from torchao_mobie.integrations.transformers import discover_moe_layout
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64,
+                               moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    info = discover_moe_layout(model).experts()[0]
+    T = 40
+    x, idx = torch.randn(T, 32), torch.randint(0, 4, (T, 2))
+    held = torch.arange(T) % 3 == 0
+    both = ExpertStatsCollector(info, heldback=True, min_expert_tokens=1)
+    both.heldback_mask = held
+    both.observe(x, idx)
+    only_held, only_fit = ExpertStatsCollector(info, min_expert_tokens=1), ExpertStatsCollector(info, min_expert_tokens=1)
+    only_held.observe(x[held], idx[held])
+    only_fit.observe(x[~held], idx[~held])
+    for p in ("gate_up_proj", "down_proj"):
+        h = both.finalize(p)
+        fit, fc, hb, hc = h.split
+        ref_h, ref_f = only_held.finalize(p), only_fit.finalize(p)
+        keep = [e for e in range(4) if e not in h.fallback_experts and ref_h.counts[e] > 0]
+        assert len(keep) >= 3
+        assert hc.tolist() == ref_h.counts.tolist() and fc.tolist() == ref_f.counts.tolist()
+        torch.testing.assert_close(hb[keep], ref_h.hessian[keep], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fit[keep], ref_f.hessian[keep])

@@ -1,0 +1,321 @@
+"""MoBiE's config: the method's switches, its bit budget and how each projection spends it.
+
+Registered with torchao's ``quantize_`` through :class:`~torchao_mobie.config.BinarizationConfig`; the
+algorithms live in :mod:`torchao_mobie.algorithms` (``cejd``, ``nges``, ``planner``) and the calibration
+statistics in :mod:`torchao_mobie.calibration`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torchao.core.config import ALLOWED_AO_MODULES
+
+from .algorithms.result import BinarizedWeight
+from .config import BinarizationConfig, BinarizedExperts, QuantContext, _check_int
+
+__all__ = ["MoBiEConfig"]
+
+# torchao's config (de)serialization only resolves classes from allow-listed modules.
+ALLOWED_AO_MODULES.add(__name__)
+
+_BACKBONE_DTYPES = ("auto", "bfloat16", "int8", "float32")
+
+
+@dataclass
+class MoBiEConfig(BinarizationConfig):
+    """MoBiE (Zhao, Xu et al., arXiv 2604.06798), reconstructed: Mixture of Binary Experts.
+
+    Three switchable components (all on by default):
+
+    * ``cejd`` — cross-expert joint decomposition (:mod:`torchao_mobie.algorithms.cejd`): per projection
+      of a layer, a shared high-precision backbone on the cheaper side (input side ``W_e ≈ Q_e·S`` when
+      in ≤ out, output side ``W_e ≈ M·Q_e`` otherwise) and a per-expert binary factor
+      ``Q_e = diag(row_scale)·sign·diag(col_scale)``, binarized with GPTQ compensation in the factor's
+      transformed metric, the backbone and the scales refit by least squares on the layer output error.
+      Off: the same binary factor is fit on each ``W_e`` directly (no backbone).
+    * ``glas`` — global loss-aligned saliency (:mod:`torchao_mobie.calibration.gradients`): one backward
+      pass of the full-precision LM loss gives per routed (token, expert) weights
+      ``w = mean_j (∂ℓ/∂Z_j)²`` at each expert projection output ``Z``; the Hessians become
+      ``(1−λ)·H/tr H + λ·H_w/tr H_w`` (per layer, λ = ``glas_lambda``), used everywhere.
+    * ``nges`` — null-space guided expert-shift suppression (:mod:`torchao_mobie.algorithms.nges`):
+      ``down_proj`` errors are measured with the output metric ``G = I + μ·P`` (P: routing-sensitive
+      directions of the later layers' routers, μ = ``nges_mu``) when fitting scales and backbone, which
+      pushes the error into the routers' null space at no storage cost.
+
+    Args (besides :class:`BinarizationConfig`'s):
+        backbone_dtype: stored width of the shared backbone: "int8" (one fp16 scale per row),
+            "bfloat16", "float32", or "auto" (default) = int8: its rounding error (~0.3% of the backbone)
+            is far below the binary factor's, and the bits it saves buy salient second planes (mixtral-8e,
+            150 windows: int8 gap 0.060 at 2.08 bits vs bfloat16 0.063 at 2.36 bits).
+        gate_up_blocks: diagonal blocks of an output-side gate_up backbone (2 = separate gate and up
+            backbones, half the cost); 1 = one backbone.
+        rounds: binarize ↔ backbone-refit alternations (CEJD).
+        refine: rounds of greedy sign coordinate descent + scale refit after the GPTQ sign pass of the last
+            alternation (2 vs 1: gap 0.0519 vs 0.0588 on mixtral-8e, 0.0468 vs 0.0486 on qwen3moe-32e,
+            150 windows, seed 0). Earlier alternations stop at GPTQ: refining there anchors the backbone
+            refit to those signs (captured mixtral-8e gate_up layers: objective +19%).
+        polish: refinement rounds against the final stored (int8-rounded, refit) backbone (captured
+            layers: objective -2% on qwen3moe-32e, -5% on mixtral-8e, for ~+8% time).
+        salient_cols: per expert, factor columns with a second binary plane (largest output-error
+            energy); None = as many as the bit budget leaves (up to all of them: a full second plane).
+        route_weighted: weight each routed token of an expert's Hessian by its squared routing weight
+            ``g²`` (``Σ g²·x xᵀ``): the MoE block output is ``Σ g_e·expert_e(x)``, so this is the block's
+            output error rather than the expert's own (BiLLM/ARB's per-expert convention). Seed 0
+            (benchmarks/results/ablation.md, on vs off): gap 0.0212 vs 0.0234 qwen2moe-32e-shared, 0.0293
+            vs 0.0302 qwen3moe-32e, 0.0215 vs 0.0247 olmoe-32e, 0.0337 vs 0.0351 mixtral-8e.
+        scale_rounds: closed-form row/column scale alternations per refit (1: every refinement round refits
+            the scales again, so more alternations only cost time: captured layers within ±1%, -25% time).
+        glas_lambda: mixing weight of the gradient-weighted Hessian, in [0, 1].
+        glas_power: exponent applied to the per-pair GLAS weights ``w = mean_j (∂ℓ/∂Z_j)²`` before they
+            weight ``H_w`` (in (0, 1]). The weights are heavy-tailed (zoo models: the top 1% of routed pairs
+            carry 20-44% of the mass), so a power below 1 lets more tokens shape each expert's ``H_w``.
+            Measured at 0.5 (3 seeds, WikiText-2 gap vs 1.0): qwen2moe-32e-shared 0.0181 vs 0.0181,
+            qwen3moe-32e 0.0292 vs 0.0290, olmoe-32e 0.0228 vs 0.0221, mixtral-8e 0.0337 vs 0.0346; with PTB
+            calibration (seed 0) mixtral-8e 0.103 vs 0.117, qwen2moe 0.069 vs 0.069. No clear gain: default 1.
+        glas_samples: calibration sequences that get the GLAS backward pass (rounded up to whole
+            calibration batches; the first ones); None = all. ``H_w`` is trace-normalized, so a subsample
+            estimates the same matrix; the backward pass is the largest single cost of MoBiE after CEJD.
+        nges_mu: strength of the router-subspace penalty (0 disables the metric even with nges=True).
+        nges_decay: weight of the router of layer l+1+d is ``nges_decay**d``.
+        percdamp: damping of the factor Hessian in the GPTQ sign pass (default 0.1: measured better on
+            held-out calibration statistics than 0.01).
+        rank_damp: ridge ``rank_damp·mean(diag H_e)·I`` on every non-fallback expert routed fewer calibration
+            tokens than its inputs (singular Hessian), for all CEJD fits; 0 = off. Without it the joint fits
+            diverged on such an expert and the shared backbone spread the damage (held-out mixtral-9m seed 2,
+            layer 1 down_proj: 162 tokens for 288 inputs, 3860x its weight norm, output error 0.02-0.73 of
+            the energy vs 0.002-0.008; gap 0.060 vs 0.010). GPTQ's 1% damping; benchmarks/results/rank_damp.md.
+        hdamp: ridge ``hdamp·mean(diag H)·I`` added to every expert Hessian for all CEJD fits (limits
+            over-fitting the calibration tokens). Default 0. None = 1.0 for input-side backbones of coarse
+            layers (< 16 experts), 0 elsewhere: it lowered the held-out MoE-block error of mixtral-8e
+            layer 2 (0.095 → 0.076) but made the end-to-end gap of its layer 0 worse (0.052 → 0.057), and
+            every ridge made qwen3moe-32e worse, so it is off by default.
+        side: backbone side, "auto", "input" or "output" (for every projection). "auto" with ``select``:
+            per projection, the layout (input-side, output-side or no backbone) with the lowest MoE-block
+            output error on held-back calibration sequences, each filling the budget with second planes
+            (:mod:`torchao_mobie.algorithms.planner`); without ``select``: input side when its int8
+            backbone leaves 0.1 bit for second planes, else the cheaper side.
+        select: choose the layout per projection by held-back error: every candidate is fit in full on
+            three quarters of the calibration sequences and judged on the fourth (one cheap alternation
+            misranked them: captured held-out mixtral-9m layers, where the joint backbones need their refits).
+        select_refit: fit the chosen layout again on every calibration sequence (else keep its fit on
+            the three quarters).
+        max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (backbone
+            side, number of salient columns); None = 1.5 on fine-grained layers (>= 16 experts), 2.2 on
+            coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj gets what
+            gate_up (2/3 of the weights) leaves.
+
+    Defaults (rounds=2, refine=2, polish=1, scale_rounds=1, percdamp=0.1, glas_lambda=0.5, nges_mu=1) were chosen
+    on qwen3moe-32e / mixtral-8e layer and end-to-end measurements (glas_lambda=1.0 was catastrophic:
+    gap 0.18 vs 0.04; more rounds/refine lower the calibration error a little and cost time).
+
+    Representation (``BinarizedExperts.parts[e]``, see :func:`torchao_mobie.algorithms.cejd.reconstruct`)::
+
+        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + sign2 * col_scale2[None, :])
+        W_hat[e] = backbone_matrix(backbone) @ Q_e    (side "output")
+        W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
+        W_hat[e] = Q_e                                (side "none": cejd=False)
+
+    signs int8 ±1; scales fp16, decoded from the stored 8-bit log codes (``row_code``, ``col_code``,
+    ``col_code2`` with the expert's ``scale_grid [3, 2]``: :mod:`torchao_mobie.algorithms.scale_codes`);
+    ``sign2``/``col_scale2`` None or zero outside the salient columns; the
+    backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
+    for int8, ``side``) is one object shared by every expert of the projection and counted once in
+    ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
+    """
+
+    cejd: bool = True
+    glas: bool = True
+    nges: bool = True
+    backbone_dtype: str = "auto"
+    gate_up_blocks: int = 1
+    rounds: int = 2
+    scale_rounds: int = 1
+    glas_lambda: float = 0.5
+    glas_power: float = 1.0
+    glas_samples: int | None = None
+    nges_mu: float = 1.0
+    nges_decay: float = 0.5
+    refine: int = 2
+    polish: int = 1
+    route_weighted: bool = True
+    salient_cols: int | None = None
+    max_bits: float | None = None
+    percdamp: float = 0.1
+    hdamp: float | None = 0.0
+    rank_damp: float = 0.01
+    side: str = "auto"
+    select: bool = True
+    select_refit: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = "MoBiEConfig"
+        for f in ("cejd", "glas", "nges", "route_weighted", "select", "select_refit"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
+        if self.side not in ("auto", "input", "output"):
+            raise ValueError(f"{n}.side must be 'auto', 'input' or 'output', got {self.side!r}")
+        if self.backbone_dtype not in _BACKBONE_DTYPES:
+            raise ValueError(f"{n}.backbone_dtype must be one of {_BACKBONE_DTYPES}, got {self.backbone_dtype!r}")
+        _check_int(n, "gate_up_blocks", self.gate_up_blocks, 1)
+        _check_int(n, "rounds", self.rounds, 1)
+        _check_int(n, "scale_rounds", self.scale_rounds, 1)
+        _check_int(n, "refine", self.refine, 0)
+        _check_int(n, "polish", self.polish, 0)
+        if self.hdamp is not None and (isinstance(self.hdamp, bool) or not isinstance(self.hdamp, (int, float))
+                                       or self.hdamp < 0):
+            raise ValueError(f"{n}.hdamp must be None or a float >= 0, got {self.hdamp!r}")
+        if isinstance(self.rank_damp, bool) or not isinstance(self.rank_damp, (int, float)) or self.rank_damp < 0:
+            raise ValueError(f"{n}.rank_damp must be a float >= 0, got {self.rank_damp!r}")
+        if self.salient_cols is not None:
+            _check_int(n, "salient_cols", self.salient_cols, 0)
+        if self.glas_samples is not None:
+            _check_int(n, "glas_samples", self.glas_samples, 1)
+        if isinstance(self.glas_power, bool) or not isinstance(self.glas_power, (int, float)) or not (
+                0 < self.glas_power <= 1):
+            raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
+        for f, lo, hi in (("glas_lambda", 0.0, 1.0), ("nges_decay", 0.0, 1.0)):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                raise ValueError(f"{n}.{f} must be a float in [{lo}, {hi}], got {v!r}")
+        if isinstance(self.nges_mu, bool) or not isinstance(self.nges_mu, (int, float)) or self.nges_mu < 0:
+            raise ValueError(f"{n}.nges_mu must be a float >= 0, got {self.nges_mu!r}")
+        if self.max_bits is not None and (isinstance(self.max_bits, bool) or not isinstance(self.max_bits, (int, float))
+                                          or self.max_bits <= 1.0):
+            raise ValueError(f"{n}.max_bits must be None or a float > 1, got {self.max_bits!r}")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """True when the pipeline must run the GLAS backward pass before the sequential pass."""
+        return self.glas and self.glas_lambda > 0
+
+    @property
+    def needs_heldback(self) -> bool:
+        """True when the plan is chosen among layouts, by the error on held-back calibration tokens."""
+        return self.cejd and self.side == "auto" and self.select
+
+    def _hessians(self, H3d, context, counts=None):
+        """Per-expert Hessians of the joint objective (usage kept, GLAS-mixed, ridged where singular)."""
+        from .calibration.hessian import joint_expert_metric
+
+        data_free = context is None or context.data_free
+        if counts is None and not data_free:
+            counts = context.token_counts
+        return joint_expert_metric(
+            H3d, None if data_free else counts, guided=None if context is None else context.guided_hessian,
+            glas_lambda=self.glas_lambda if self.glas else 0.0, rank_damp=self.rank_damp,
+            fallback_experts=() if context is None else context.fallback_experts)
+
+    def _selection_hessians(self, H, context):
+        """(fit, judge) Hessians of the plan selection: fit on the calibration sequences that were not held
+        back, judge by the MoE-block output error (``Σ g² x xᵀ`` sums) of the held-back ones; in-sample
+        (both ``H``) when the pipeline kept no split."""
+        split = None if context is None else context.calibration_split
+        if split is None:
+            return H, H
+        fit, fc, held, hc = split
+        return self._hessians(fit, context, counts=fc), held.float() * hc.float().to(held.device)[:, None, None]
+
+    @staticmethod
+    def _judge(W, Hjudge, G, context):
+        """Score of a candidate fit: the LM loss of the held-back calibration sequences when the pipeline
+        provides it (:mod:`torchao_mobie.calibration.heldback`: layer-level errors misranked layouts), else
+        the layer objective in ``Hjudge``."""
+        from .algorithms.cejd import layer_objective
+
+        judge = None if context is None else context.judge
+        if judge is not None:
+            return lambda r: judge(r.weight)
+        return lambda r: layer_objective(W, r.weight, Hjudge, G)
+
+    @property
+    def _dtype(self) -> str:
+        return "int8" if self.backbone_dtype == "auto" else self.backbone_dtype
+
+    def _sides(self, E, m, n, cap) -> list[str]:
+        from .algorithms.cejd import choose_side
+        from .algorithms.planner import bits_estimate
+
+        if not self.cejd:
+            return ["none"]
+        if self.side != "auto":
+            return [self.side]
+        if self.select:
+            return ["input", "output", "none"]
+        # the fixed rule: input side when its backbone leaves room for second planes, else the cheaper
+        return ["input" if bits_estimate(E, m, n, "input", self._dtype) + 0.1 <= cap else choose_side(m, n)]
+
+    def _gate_up_bits(self, E, hidden, inter, cap) -> float:
+        from .algorithms.planner import gate_up_target
+
+        return gate_up_target(E, hidden, inter, cap, self._sides(E, hidden, inter, cap), self._dtype)
+
+    def _plans(self, E, m, n, cap, fill=None):
+        from .algorithms.planner import plan_candidates
+
+        return plan_candidates(E, m, n, cap, self._sides(E, m, n, cap), self._dtype, self.salient_cols, fill=fill)
+
+    def _fit_kwargs(self, plan, E, projection, G):
+        blocks = self.gate_up_blocks if (plan.side == "output" and projection == "gate_up_proj") else 1
+        hdamp = self.hdamp if self.hdamp is not None else (1.0 if (E < 16 and plan.side == "input") else 0.0)
+        return dict(side=plan.side, blocks=blocks, G=G, backbone_dtype=plan.dtype, scale_rounds=self.scale_rounds,
+                    percdamp=self.percdamp, salient_cols=plan.salient, hdamp=hdamp)
+
+    def quantize_experts(self, W3d, H3d, *, context: QuantContext | None = None) -> BinarizedExperts:
+        from .algorithms import cejd as C
+        from .algorithms.planner import MARGIN, select_plan
+
+        W = W3d.float()
+        H = self._hessians(H3d, context)
+        E, m, n = W.shape
+        projection = "weight" if context is None else context.projection
+        G = None
+        if self.nges and self.nges_mu > 0 and projection == "down_proj" and context is not None:
+            routers = getattr(context, "downstream_routers", None)
+            if routers:
+                from .algorithms.nges import router_metric
+
+                G = router_metric(routers, mu=self.nges_mu, decay=self.nges_decay).to(W.device)
+        cap = self.max_bits if self.max_bits is not None else (1.5 if E >= 16 else 2.2)
+        # the budget is per layer (gate_up holds 2/3 of the expert weights): down_proj's second planes first
+        if projection == "gate_up_proj":
+            plans = self._plans(E, m, n, self._gate_up_bits(E, n, m // 2, cap) + MARGIN)
+        elif projection == "down_proj":
+            g_bits = None if context is None else context.sibling_bits
+            if g_bits is None:  # gate_up not binarized here: what it would take at most
+                g_bits = max(p.bits for p in self._plans(E, 2 * n, m, self._gate_up_bits(E, m, n, cap) + MARGIN))
+            plans = self._plans(E, m, n, 3 * cap - 2 * g_bits - 0.01)
+        else:
+            plans = self._plans(E, m, n, cap)
+        full = dict(rounds=self.rounds, refine=self.refine, polish=self.polish)
+        res = None
+        if len(plans) > 1:
+            # every layout is fit in full (one cheap alternation misranks them: the joint backbones need
+            # their refits) on the fit part and judged on the held-back part
+            Hfit, Hjudge = self._selection_hessians(H, context)
+            plan, res, _ = select_plan(
+                plans, lambda p: C.cejd_quantize(W, Hfit, **full, **self._fit_kwargs(p, E, projection, G)),
+                self._judge(W, Hjudge, G, context), "" if context is None else context.name)
+            if Hfit is not H and self.select_refit:
+                res = None
+        else:
+            plan = plans[0]
+        if res is None:
+            res = C.cejd_quantize(W, H, **full, **self._fit_kwargs(plan, E, projection, G))
+        p = res.parts
+        per_expert = ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "row_code", "col_code", "col_code2",
+                      "scale_grid")
+        parts = [{"side": p["side"], "backbone": p["backbone"],
+                  **{k: None if p[k] is None else p[k][e] for k in per_expert}}
+                 for e in range(E)]
+        return BinarizedExperts(res.weight, res.bits, parts)
+
+    def binarize_matrix(self, W, H):
+        from .algorithms import cejd as C
+
+        n = W.shape[1]
+        res = C.cejd_quantize(W.float()[None], H.float()[None], side="none", rounds=1, scale_rounds=self.scale_rounds,
+                              percdamp=self.percdamp, refine=self.refine,
+                              salient_cols=self.salient_cols if self.salient_cols is not None else n // 16)
+        return BinarizedWeight(res.weight[0], res.bits, {k: v for k, v in res.parts.items()})
