@@ -321,7 +321,7 @@ def _quantize_with_ridge_fallback(run, h: torch.Tensor, name: str, config: Binar
 
 def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | None, config: BinarizationConfig,
                    name: str, router_stats: RouterInputStats | None = None, guided_hessian: torch.Tensor | None = None,
-                   downstream_routers: list | None = None, judge=None) -> BinarizationRecord:
+                   downstream_routers: list | None = None, judge=None, plan_memory=None) -> BinarizationRecord:
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
     if hess is None:
@@ -332,7 +332,8 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
         ctx = QuantContext(name=name, projection=projection, token_counts=hess.counts,
                            fallback_experts=hess.fallback_experts, router_stats=router_stats,
                            guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []),
-                           calibration_split=hess.split, judge=judge, sibling_bits=_sibling_bits(info, projection))
+                           calibration_split=hess.split, judge=judge, sibling_bits=_sibling_bits(info, projection),
+                           plan_memory=plan_memory)
     if hess is None:
         res = config.quantize_experts(w, h3d, context=ctx)
     else:
@@ -782,7 +783,7 @@ def _routing_weighted(config) -> bool:
 
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
-               heldloss=None) -> None:
+               heldloss=None, plan_memory=None) -> None:
     experts = None
     guided = {}
     if stage.projections:
@@ -825,7 +826,8 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
             report.parameters[name] = _apply_experts(info, p, hess, config, name, router_stats=stats, guided_hessian=gh,
                                                      downstream_routers=downstream if p == "down_proj" else None,
                                                      judge=None if heldloss is None else
-                                                     heldloss.judge(layer.index, hidden, info, p)).bits
+                                                     heldloss.judge(layer.index, hidden, info, p),
+                                                     plan_memory=plan_memory).bits
             events.append(hess.event)
             if hess.event.experts:
                 report.fallback_events.append(hess.event)
@@ -903,13 +905,15 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                 _forward_batches(model, batches[n:])
         hidden, calls = _capture_layer_inputs(model, layout, batches, forward)
         heldloss = _heldback_loss(model, layout, calls, batches)
+        plan_memory: dict = {}
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
             events: list[FallbackEvent] = []
             for stage in _stages(layer, scope, true_sequential):
                 _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
-                           downstream=_downstream_routers(layout, layer.index), heldloss=heldloss)
+                           downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
+                           plan_memory=plan_memory)
             log_fallback_summary(layer.fqn, events)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]

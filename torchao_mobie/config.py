@@ -106,6 +106,7 @@ class QuantContext:
         in place of this projection (:mod:`torchao_mobie.calibration.heldback`), or None.
     sibling_bits: all-inclusive bits per weight of the module's gate_up_proj when down_proj comes after it
         (a layer-level bit budget is shared).
+    plan_memory: a dict shared by every call of one sequential pass, for choices that carry over layers.
     """
 
     name: str = ""
@@ -119,6 +120,7 @@ class QuantContext:
     calibration_split: tuple | None = None
     judge: object | None = None
     sibling_bits: float | None = None
+    plan_memory: dict | None = None
 
 
 def _binarization_handler(module: torch.nn.Module, config: "BinarizationConfig", *, parameter_name: str | None = None):

@@ -98,6 +98,11 @@ class MoBiEConfig(BinarizationConfig):
         select: choose the layout per projection by held-back error: every candidate is fit in full on
             three quarters of the calibration sequences and judged on the fourth (one cheap alternation
             misranked them: captured held-out mixtral-9m layers, where the joint backbones need their refits).
+        select_margin: a joint layout displaces per-expert factors only when its held-back loss is lower by
+            more than this many standard errors of the per-sequence difference.
+        select_probe: MoE layers (from the first) on which every layout is a candidate; later layers only
+            try the layouts that won a projection of the same kind so far (with per-expert factors winning
+            everywhere on the zoo, the joint fits are then paid once, not per layer).
         select_refit: fit the chosen layout again on every calibration sequence (else keep its fit on
             the three quarters).
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (backbone
@@ -147,6 +152,8 @@ class MoBiEConfig(BinarizationConfig):
     side: str = "auto"
     select: bool = True
     select_refit: bool = True
+    select_margin: float = 2.0
+    select_probe: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -175,6 +182,10 @@ class MoBiEConfig(BinarizationConfig):
         if isinstance(self.glas_power, bool) or not isinstance(self.glas_power, (int, float)) or not (
                 0 < self.glas_power <= 1):
             raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
+        _check_int(n, "select_probe", self.select_probe, 0)
+        if isinstance(self.select_margin, bool) or not isinstance(self.select_margin, (int, float)) or \
+                not self.select_margin >= 0:
+            raise ValueError(f"{n}.select_margin must be a float >= 0, got {self.select_margin!r}")
         for f, lo, hi in (("glas_lambda", 0.0, 1.0), ("nges_decay", 0.0, 1.0)):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
@@ -290,15 +301,23 @@ class MoBiEConfig(BinarizationConfig):
             plans = self._plans(E, m, n, cap)
         full = dict(rounds=self.rounds, refine=self.refine, polish=self.polish)
         res = None
+        memory = None if context is None or context.plan_memory is None else \
+            context.plan_memory.setdefault(projection, {"probed": 0, "won": {"none"}})
+        if memory is not None and memory["probed"] >= self.select_probe:
+            # after the probe layers only the layouts that won somewhere stay candidates
+            plans = [p for p in plans if p.side in memory["won"]] or plans[-1:]
         if len(plans) > 1:
             # every layout is fit in full (one cheap alternation misranks them: the joint backbones need
             # their refits) on the fit part and judged on the held-back part
             Hfit, Hjudge = self._selection_hessians(H, context)
             plan, res, _ = select_plan(
                 plans, lambda p: C.cejd_quantize(W, Hfit, **full, **self._fit_kwargs(p, E, projection, G)),
-                self._judge(W, Hjudge, G, context), "" if context is None else context.name)
+                self._judge(W, Hjudge, G, context), "" if context is None else context.name, z=self.select_margin)
             if Hfit is not H and self.select_refit:
                 res = None
+            if memory is not None:
+                memory["probed"] += 1
+                memory["won"].add(plan.side)
         else:
             plan = plans[0]
         if res is None:

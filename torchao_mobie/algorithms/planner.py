@@ -14,7 +14,10 @@ tokens is kept (:func:`select_plan`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+
+import torch
 
 
 from .scale_codes import CODE_BITS, GRID_FP16_PER_EXPERT
@@ -73,30 +76,40 @@ def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salie
 
 def gate_up_target(E: int, hidden: int, inter: int, cap: float, sides, dtype: str) -> float:
     """Bits per weight for every gate_up candidate of a layer with ``cap`` on average; down_proj gets the
-    rest (``3·cap − 2·gate_up``). down_proj has first call on the budget, up to a full second plane, as
+    rest (``3·cap − 2·gate_up``). down_proj has first call on the budget, up to a full second plane of its
+    cheapest layout, as
     second planes pay far more there (qwen3moe-32e, seed 0: gate_up 1.47 / down 1.49 bits gave gap 0.038,
     gate_up 1.32 / down 1.71 gave 0.029); but never less than the cheapest joint layout's backbone needs,
     so that layout stays a candidate and the others are judged at the same bits."""
-    down_full = max(bits_estimate(E, hidden, inter, s, dtype, inter) for s in sides)
+    down_full = min(bits_estimate(E, hidden, inter, s, dtype, inter) for s in sides)
     target = (3 * cap - down_full) / 2
     joint = [bits_estimate(E, 2 * inter, hidden, s, dtype) for s in sides if s != "none"]
     joint = [b for b in joint if b + MARGIN <= cap]
     return max(target, min(joint)) if joint else target
 
 
-def select_plan(plans: list[Plan], fit, score, name: str = ""):
-    """``(plan, fit(plan), scores)`` of the plan whose fit has the lowest ``score`` (NaN counts as +inf).
-    A single plan is returned without fitting (``None``, no scores)."""
+def select_plan(plans: list[Plan], fit, score, name: str = "", reference: str = "none", z: float = 2.0):
+    """``(plan, fit(plan), mean scores)`` of the plan whose fit has the lowest mean ``score`` (NaN: +inf).
+
+    ``score`` may return one value or one per held-back sequence ``[S]``; with per-sequence scores a plan
+    only displaces the ``reference`` layout when it is better by more than ``z`` standard errors of the
+    paired per-sequence difference (a noisy win of a few sequences does not carry to the whole data). A
+    single plan is returned without fitting (``None``, no scores)."""
     if len(plans) == 1:
         return plans[0], None, []
-    best, best_fit, scores = None, None, []
+    fits, raw = [], []
     for p in plans:
         f = fit(p)
-        s = float(score(f))
-        s = s if s == s else float("inf")
-        if best is None or s < min(scores):
-            best, best_fit = p, f
-        scores.append(s)
-    log.debug("%s: %s", name, ", ".join(f"{p.side}+{p.salient} ({p.bits:.2f} b): {s:.6g}"
-                                         for p, s in zip(plans, scores)))
-    return best, best_fit, scores
+        s = torch.as_tensor(score(f), dtype=torch.float64).reshape(-1)
+        raw.append(torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s))
+        fits.append(f)
+    means = [float(s.mean()) for s in raw]
+    best = min(range(len(plans)), key=means.__getitem__)
+    ref = next((i for i, p in enumerate(plans) if p.side == reference), None)
+    if ref is not None and best != ref and raw[best].numel() > 1 and math.isfinite(means[ref]):
+        d = raw[best] - raw[ref]
+        if not float(d.mean()) < -z * float(d.std()) / math.sqrt(d.numel()):
+            best = ref
+    log.debug("%s: %s -> %s", name, ", ".join(f"{p.side}+{p.salient} ({p.bits:.2f} b): {m:.6g}"
+                                               for p, m in zip(plans, means)), plans[best].side)
+    return plans[best], fits[best], means

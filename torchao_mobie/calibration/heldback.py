@@ -37,18 +37,19 @@ class HeldbackLoss:
 
     @torch.no_grad()
     def judge(self, start: int, hidden: list, experts, projection: str) -> Callable[[torch.Tensor], float] | None:
-        """``W_hat [E, out, in] -> mean held-back NLL`` with ``W_hat`` as ``projection`` of ``experts`` (in
-        layer ``start``, whose inputs per batch are ``hidden``); the weight is restored after each call."""
+        """``W_hat [E, out, in] -> [S]`` mean NLL of each held-back sequence with ``W_hat`` as ``projection``
+        of ``experts`` (in layer ``start``, whose inputs per batch are ``hidden``); the weight is restored
+        after each call."""
         if not self.held:
             return None
 
         @torch.no_grad()
-        def loss(W_hat: torch.Tensor) -> float:
+        def loss(W_hat: torch.Tensor) -> torch.Tensor:
             param = experts.parameter(projection)
             saved = param.data.clone()
             experts.set_weight(projection, W_hat)
             try:
-                total, count = 0.0, 0
+                per_seq = []
                 for b in self.held:
                     h = hidden[b]
                     for i in range(start, len(self.layers)):
@@ -56,12 +57,10 @@ class HeldbackLoss:
                         h = self.layer_output(self.layers[i](h, *args, **kwargs))
                     logits = self.head(h).float()
                     ids, mask = self.batches[b].input_ids, self.batches[b].attention_mask
-                    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
-                    if mask is not None:
-                        nll = nll[(mask[:, 1:] * mask[:, :-1]).flatten().bool()]
-                    total += float(nll.sum(dtype=torch.float64))
-                    count += nll.numel()
-                return total / max(count, 1)
+                    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
+                    keep = torch.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).double()
+                    per_seq.append((nll * keep).sum(1) / keep.sum(1).clamp_min(1))
+                return torch.cat(per_seq)
             finally:
                 param.data.copy_(saved)
 
