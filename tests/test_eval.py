@@ -119,3 +119,18 @@ def test_methods_benchmark_merges_parallel_runs_and_refuses_duplicate_rows(tmp_p
     with pytest.raises(SystemExit):  # b's rows are in a now
         bench.main(["--name", "a", "--report-only", "--merge", "b"])
     assert len(json.loads((tmp_path / "a.json").read_text())["rows"]) == 3
+
+
+def test_gap_plot_draws_a_budget_sweep_as_one_curve(tmp_path):
+    from torchao_mobie.eval.plots import _without_max_bits, plot_gap_vs_bits
+
+    assert _without_max_bits("mobie:max_bits=2.0") == "mobie"
+    assert _without_max_bits("mobie:glas=False,max_bits=3.0") == "mobie:glas=False"
+    assert _without_max_bits("hbllm:haar=col") == "hbllm:haar=col" and _without_max_bits("billm") == "billm"
+    rows = [dict(model="m", method=f"mobie:max_bits={b}", all_inclusive_bits=b, wikitext2_gap=0.04 / b)
+            for b in (2.0, 1.5, 3.0)] + [dict(model="m", method="billm", all_inclusive_bits=3.0, wikitext2_gap=0.1)]
+    path = plot_gap_vs_bits(rows, tmp_path / "f.png")
+    assert path.exists() and path.stat().st_size > 1000
+    import matplotlib.pyplot as plt
+
+    plt.close("all")

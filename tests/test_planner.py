@@ -69,7 +69,7 @@ def test_mobie_chooses_the_layout_from_held_back_error(kind, expect):
     fit, held = _spd(E, n, g, 96), _spd(E, n, g, 32)
     fc, hc = torch.full((E,), 96), torch.full((E,), 32)
     H = (fit * 96 + held * 32) / 128
-    ctx = QuantContext(name="x", projection="gate_up_proj", token_counts=fc + hc,
+    ctx = QuantContext(name="x", projection="weight", token_counts=fc + hc,  # no layer budget split
                        calibration_split=(fit, fc, held, hc))
     cfg = MoBiEConfig(max_bits=1.9)
     res = cfg.quantize_experts(W, H, context=ctx)
@@ -109,3 +109,113 @@ def test_collector_keeps_the_held_back_tokens_apart():
         assert hc.tolist() == ref_h.counts.tolist() and fc.tolist() == ref_f.counts.tolist()
         torch.testing.assert_close(hb[keep], ref_h.hessian[keep], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(fit[keep], ref_f.hessian[keep])
+
+
+def test_a_joint_layout_needs_a_clear_held_back_win_to_displace_per_expert_factors():
+    plans = [Plan("input", "int8", 0, 1.4), Plan("none", "int8", 8, 1.4)]
+    base = torch.tensor([4.0, 4.2, 3.9, 4.1, 4.0, 4.3, 3.8, 4.1], dtype=torch.float64)
+    noisy = base + torch.tensor([-0.02, 0.015, -0.02, 0.01, -0.015, 0.02, -0.02, 0.012], dtype=torch.float64)
+    clear = base - 0.01 + 0.001 * torch.arange(8)
+    for joint, expect in ((noisy, "none"), (clear, "input")):
+        scores = {"input": joint, "none": base}
+        assert float(joint.mean()) < float(base.mean())  # the joint layout has the lower mean either way
+        best, _, means = select_plan(plans, lambda p: p.side, lambda s: scores[s])
+        assert best.side == expect and means == [float(joint.mean()), float(base.mean())]
+    # with z = 0 the lower mean wins
+    assert select_plan(plans, lambda p: p.side, lambda s: {"input": noisy, "none": base}[s], z=0.0)[0].side == "input"
+
+
+def test_gate_up_target_gives_down_proj_its_full_plane_first():
+    from torchao_mobie.algorithms.planner import MARGIN, gate_up_target
+
+    sides = ["input", "output", "none"]
+    E, hidden, inter = 32, 160, 64
+    t = gate_up_target(E, hidden, inter, 1.5, sides, "int8")
+    down_full = bits_estimate(E, hidden, inter, "none", "int8", inter)
+    out_base = bits_estimate(E, 2 * inter, hidden, "output", "int8")
+    # gate_up gets what down_proj's full plane leaves, here too little for an output-side backbone
+    assert t == pytest.approx((4.5 - down_full) / 2) and t < out_base + MARGIN
+    cands = plan_candidates(E, 2 * inter, hidden, t + MARGIN, sides, "int8")
+    assert [p.side for p in cands] == ["none"] and cands[0].bits <= t + MARGIN
+    t2 = gate_up_target(E, hidden, inter, 3.0, sides, "int8")
+    assert t2 == pytest.approx((9.0 - down_full) / 2)
+
+
+def test_later_layers_only_try_the_layouts_that_won():
+    g = torch.Generator().manual_seed(3)
+    W = _experts("unrelated")
+    E, m, n = W.shape
+    fit, held = _spd(E, n, g, 96), _spd(E, n, g, 32)
+    fc, hc = torch.full((E,), 96), torch.full((E,), 32)
+    H = (fit * 96 + held * 32) / 128
+    memory, fits, per_layer = {}, [], []
+    cfg = MoBiEConfig(max_bits=1.9)
+    import torchao_mobie.algorithms.cejd as cejd_module
+
+    real = cejd_module.cejd_quantize
+
+    def counting(*a, **k):
+        fits.append(k["side"])
+        return real(*a, **k)
+
+    cejd_module.cejd_quantize = counting
+    try:
+        for layer in range(3):
+            ctx = QuantContext(name=f"l{layer}", projection="weight", token_counts=fc + hc,
+                               calibration_split=(fit, fc, held, hc), plan_memory=memory)
+            assert cfg.quantize_experts(W, H, context=ctx).parts[0]["side"] == "none"
+            per_layer.append(len(fits) - sum(per_layer))
+    finally:
+        cejd_module.cejd_quantize = real
+    assert memory["weight"] == {"probed": 1, "won": {"none"}}
+    # layer 0: every candidate (at least a joint one and per-expert) plus the final fit; later: the final fit only
+    assert per_layer[0] >= 3 and per_layer[1:] == [1, 1] and fits[-2:] == ["none", "none"]
+
+
+def test_hold_back_moves_every_fourth_sequence_into_batches_of_its_own():
+    from torchao_mobie.api import _Batch
+    from torchao_mobie.calibration.heldback import hold_back
+
+    ids = torch.arange(10)[:, None].repeat(1, 3)
+    batches = [_Batch(ids[:4], None), _Batch(ids[4:8], torch.ones(4, 3)), _Batch(ids[8:], None)]
+    out = hold_back(batches, _Batch)
+    kept = torch.cat([b.input_ids[:, 0] for b in out if not b.heldback]).tolist()
+    held = torch.cat([b.input_ids[:, 0] for b in out if b.heldback]).tolist()
+    assert kept == [0, 1, 2, 4, 5, 6, 8, 9] and held == [3, 7]
+    assert [b.heldback for b in out] == [False, False, False, True, True]  # held batches last
+    assert out[4].attention_mask.shape == (1, 3)
+
+
+def test_judge_is_the_held_back_lm_loss_and_restores_the_weights():
+    """At the first layer the judge of the unchanged weights is the full-precision model's NLL on the
+    held-back sequences; a damaged candidate scores worse; the parameter is left as it was."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from torchao_mobie import quantize_model
+    from torchao_mobie.zoo import load_zoo_model
+
+    fp, _ = load_zoo_model("micro-qwen3moe")
+    calib = torch.randint(3, 500, (8, 32), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    class Spy(MoBiEConfig):
+        def quantize_experts(self, W3d, H3d, *, context=None):
+            if not seen and context.judge is not None:
+                param = q.get_parameter(context.name)
+                before = param.detach().clone()
+                seen["same"] = context.judge(W3d)
+                seen["noisy"] = context.judge(W3d + 0.5 * W3d.std() * torch.randn_like(W3d))
+                seen["restored"] = torch.equal(param.detach(), before)
+            return super().quantize_experts(W3d, H3d, context=context)
+
+    q = copy.deepcopy(fp)
+    quantize_model(q, Spy(), calib, progress=False)
+    held = calib[3::4]
+    with torch.no_grad():
+        logits = fp(input_ids=held).logits.float()
+    ref = F.cross_entropy(logits[:, :-1].transpose(1, 2), held[:, 1:], reduction="none").mean(1).double()
+    torch.testing.assert_close(seen["same"], ref, atol=1e-4, rtol=1e-4)
+    assert float(seen["noisy"].mean()) > float(seen["same"].mean())
+    assert seen["restored"]

@@ -70,6 +70,15 @@ def plot_memory(report, path, title: str = "", stored_label: str = "as stored") 
     return path
 
 
+def _without_max_bits(method: str) -> str:
+    """``mobie:max_bits=2.0,x=1`` -> ``mobie:x=1``; other labels unchanged."""
+    name, _, opts = method.partition(":")
+    kept = [o for o in opts.split(",") if o and not o.startswith("max_bits=")]
+    if not opts or len(kept) == len(opts.split(",")):
+        return method
+    return name + (":" + ",".join(kept) if kept else "")
+
+
 def plot_gap_vs_bits(rows: list[dict], path, corpus: str = "wikitext2") -> Path:
     """One panel per model: each method's gap ln(PPL_q/PPL_fp) against its all-inclusive bits per weight
     (the trade-off the method tables are about; log scale since the sign floor is ~10x the others)."""
@@ -77,10 +86,20 @@ def plot_gap_vs_bits(rows: list[dict], path, corpus: str = "wikitext2") -> Path:
     fig = _figure((4.5 * len(models), 3.8))
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models):
+        curves: dict[str, list] = {}
         for r in (r for r in rows if r["model"] == model and r.get(f"{corpus}_gap") is not None):
             x, y = r["all_inclusive_bits"], max(r[f"{corpus}_gap"], 1e-4)
+            base = _without_max_bits(r["method"])
+            if base != r["method"]:  # a budget sweep: one curve per method
+                curves.setdefault(base, []).append((x, y))
+                continue
             ax.scatter(x, y, s=40)
             ax.annotate(r["method"], (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        for base, pts in curves.items():
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "-o", ms=4, label=f"{base} (max_bits sweep)")
+        if curves:
+            ax.legend(fontsize=7)
         ax.set_title(model, fontsize=10)
         ax.set_xlabel("all-inclusive bits / expert weight")
         ax.set_yscale("log")
