@@ -336,7 +336,7 @@ def test_glas_weights_match_autograd():
         for p in model.parameters():
             p.requires_grad_(True)
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         loss.backward()
     finally:
         del mod.forward
@@ -434,3 +434,20 @@ def test_glas_weights_do_not_depend_on_the_run_with_several_threads():
         for fqn in r.gate_up:
             assert torch.equal(r.gate_up[fqn][0], runs[0].gate_up[fqn][0]), fqn
             assert torch.equal(r.down[fqn][0], runs[0].down[fqn][0]), fqn
+
+
+def test_glas_weights_do_not_depend_on_how_sequences_are_batched():
+    """Held-back sequences form smaller batches; a token's GLAS weight must not change with its batch."""
+    from torchao_mobie.api import _Batch
+    from torchao_mobie.calibration.gradients import compute_glas_weights
+    from torchao_mobie.integrations.transformers import discover_moe_layout
+    from torchao_mobie.zoo import load_zoo_model
+
+    model, _ = load_zoo_model("micro-qwen3moe")
+    experts = discover_moe_layout(model).experts()
+    ids = torch.randint(3, 200, (4, 12), generator=torch.Generator().manual_seed(1))
+    whole = compute_glas_weights(model, experts, [_Batch(ids, None)])
+    split = compute_glas_weights(model, experts, [_Batch(ids[:3], None), _Batch(ids[3:], None)])
+    for fqn in whole.gate_up:
+        torch.testing.assert_close(torch.cat(split.gate_up[fqn]), whole.gate_up[fqn][0], rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(torch.cat(split.down[fqn]), whole.down[fqn][0], rtol=1e-3, atol=1e-9)

@@ -61,24 +61,34 @@ def _experts(kind, E=16, m=48, n=32, seed=0):
     return torch.randn(E, m, n, generator=g)  # unrelated experts: a backbone only costs bits
 
 
+def _held_back_context(W, g, projection="weight", memory=None, name="x"):
+    """A context as the pipeline builds it: fit-part Hessians, and a judge returning one layer error per
+    held-back "sequence" (its own Hessian)."""
+    E, m, n = W.shape
+    fit = _spd(E, n, g, 96)
+    seqs = torch.stack([_spd(E, n, g, 8) for _ in range(8)])
+    H = (fit * 96 + seqs.sum(0) * 8) / 160
+    fc = torch.full((E,), 96)
+    judge = lambda What: torch.stack([C.layer_objective(W, What, s) for s in seqs])  # noqa: E731
+    ctx = QuantContext(name=name, projection=projection, token_counts=torch.full((E,), 160),
+                       calibration_split=(fit, fc), judge=judge, plan_memory=memory)
+    return H, ctx
+
+
 @pytest.mark.parametrize("kind,expect", [("shared", {"input"}), ("unrelated", {"none"})])
 def test_mobie_chooses_the_layout_from_held_back_error(kind, expect):
     g = torch.Generator().manual_seed(2)
     W = _experts(kind)
-    E, m, n = W.shape
-    fit, held = _spd(E, n, g, 96), _spd(E, n, g, 32)
-    fc, hc = torch.full((E,), 96), torch.full((E,), 32)
-    H = (fit * 96 + held * 32) / 128
-    ctx = QuantContext(name="x", projection="weight", token_counts=fc + hc,  # no layer budget split
-                       calibration_split=(fit, fc, held, hc))
-    cfg = MoBiEConfig(max_bits=1.9)
-    res = cfg.quantize_experts(W, H, context=ctx)
+    H, ctx = _held_back_context(W, g)
+    res = MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx)
     assert res.parts[0]["side"] in expect
     assert res.bits.all_inclusive_bits <= 1.9
     # the chosen layout is never worse than per-expert factors at the same budget (held-back error)
     alone = MoBiEConfig(max_bits=1.9, cejd=False).quantize_experts(W, H, context=ctx)
-    hw = held * hc[:, None, None]
-    assert C.layer_objective(W, res.weight, hw) <= 1.02 * C.layer_objective(W, alone.weight, hw)
+    assert ctx.judge(res.weight).sum() <= 1.02 * ctx.judge(alone.weight).sum()
+    # without a judge (torchao's observe/convert flow) per-expert factors, no candidate fits
+    ctx.judge = None
+    assert MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx).parts[0]["side"] == "none"
 
 
 def test_collector_keeps_the_held_back_tokens_apart():
@@ -102,13 +112,12 @@ def test_collector_keeps_the_held_back_tokens_apart():
     only_fit.observe(x[~held], idx[~held])
     for p in ("gate_up_proj", "down_proj"):
         h = both.finalize(p)
-        fit, fc, hb, hc = h.split
-        ref_h, ref_f = only_held.finalize(p), only_fit.finalize(p)
-        keep = [e for e in range(4) if e not in h.fallback_experts and ref_h.counts[e] > 0]
-        assert len(keep) >= 3
-        assert hc.tolist() == ref_h.counts.tolist() and fc.tolist() == ref_f.counts.tolist()
-        torch.testing.assert_close(hb[keep], ref_h.hessian[keep], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(fit[keep], ref_f.hessian[keep])
+        fit, fc = h.split
+        ref = only_fit.finalize(p)
+        keep = [e for e in range(4) if e not in h.fallback_experts and ref.counts[e] > 0]
+        assert len(keep) >= 3 and fc.tolist() == ref.counts.tolist()
+        torch.testing.assert_close(fit[keep], ref.hessian[keep])
+        torch.testing.assert_close(h.counts, ref.counts + only_held.finalize(p).counts)
 
 
 def test_a_joint_layout_needs_a_clear_held_back_win_to_displace_per_expert_factors():
@@ -145,9 +154,6 @@ def test_later_layers_only_try_the_layouts_that_won():
     g = torch.Generator().manual_seed(3)
     W = _experts("unrelated")
     E, m, n = W.shape
-    fit, held = _spd(E, n, g, 96), _spd(E, n, g, 32)
-    fc, hc = torch.full((E,), 96), torch.full((E,), 32)
-    H = (fit * 96 + held * 32) / 128
     memory, fits, per_layer = {}, [], []
     cfg = MoBiEConfig(max_bits=1.9)
     import torchao_mobie.algorithms.cejd as cejd_module
@@ -161,8 +167,7 @@ def test_later_layers_only_try_the_layouts_that_won():
     cejd_module.cejd_quantize = counting
     try:
         for layer in range(3):
-            ctx = QuantContext(name=f"l{layer}", projection="weight", token_counts=fc + hc,
-                               calibration_split=(fit, fc, held, hc), plan_memory=memory)
+            H, ctx = _held_back_context(W, g, memory=memory, name=f"l{layer}")
             assert cfg.quantize_experts(W, H, context=ctx).parts[0]["side"] == "none"
             per_layer.append(len(fits) - sum(per_layer))
     finally:

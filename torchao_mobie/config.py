@@ -99,9 +99,8 @@ class QuantContext:
         GLAS), when the config asked for gradients (``needs_gradients``).
     downstream_routers: ``[(W_router·diag(γ) [E', H], mean router input [H] or None), ...]`` of the
         routers of the following MoE layers, nearest first (for NGES on down_proj).
-    calibration_split: ``(fit mean Hessians [E, in, in], fit counts [E], held-back mean Hessians, held-back
-        counts)``: the calibration sequences split in two (the main Hessian has both), when the config
-        asked for it (``needs_heldback``), for choices judged on tokens the fits did not see.
+    calibration_split: ``(mean Hessians [E, in, in], counts [E])`` of the calibration sequences that were
+        not held back, when the config asked for held-back sequences (``needs_heldback``).
     judge: ``W_hat [E, out, in] -> float``, the LM loss of the held-back calibration sequences with ``W_hat``
         in place of this projection (:mod:`torchao_mobie.calibration.heldback`), or None.
     sibling_bits: all-inclusive bits per weight of the module's gate_up_proj when down_proj comes after it

@@ -39,8 +39,8 @@ class ExpertHessians:
         self.hessian = hessian
         self.counts = counts
         self.event = event
-        # (fit mean [E, in, in], fit counts [E], held-back mean, held-back counts): the calibration tokens
-        # split in two (fallback experts: their fallback Hessian in both), or None
+        # (mean [E, in, in], counts [E]) over the calibration tokens that were not held back (fallback
+        # experts and experts with no such token: the main Hessian), or None
         self.split = split
 
     @property
@@ -54,10 +54,8 @@ class ExpertStatsCollector:
     projections: which per-expert Hessians to collect (``"gate_up_proj"``, ``"down_proj"``).
     min_expert_tokens: experts with fewer routed tokens fall back to the layer-level Hessian.
     token_mask: optional ``[T]`` bool set by the caller before each batch (False = padding, ignored).
-    heldback: also split the Hessians in a fit part and a held-back part (the main ones keep every token);
-        the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch. The fit part
-        is accumulated on its own (a true sum of outer products, positive semi-definite) and the held-back
-        part, which only judges, is the difference.
+    heldback: also accumulate the Hessians of the tokens that are not held back (the main ones keep every
+        token); the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch.
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -255,13 +253,8 @@ class ExpertStatsCollector:
         split = None
         if projection in self.fit_sums:
             fc = self.fit_counts.clone()
-            hc = counts - fc
-            fit_sum = self.fit_sums.pop(projection)
-            held = (h * counts.clamp(min=1).to(h.dtype).view(-1, 1, 1) - fit_sum).div_(hc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
-            fit = fit_sum.div_(fc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+            fit = self.fit_sums.pop(projection).div_(fc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
             for e in set(fallback) | set((fc == 0).nonzero().flatten().tolist()):
                 fit[e] = h[e]
-            for e in fallback:
-                held[e] = h[e]
-            split = (fit, fc, held, hc)
+            split = (fit, fc)
         return ExpertHessians(hessian=h, counts=counts, event=event, split=split)

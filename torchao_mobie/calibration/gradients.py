@@ -96,7 +96,8 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
     """One forward+backward of the full-precision LM loss per calibration batch (parameters frozen).
 
     ``batches``: objects with ``input_ids`` and ``attention_mask`` (as built by ``quantize_model``).
-    The loss is the mean next-token cross entropy over non-padding tokens. ``power``: the pair weights
+    The loss is the summed next-token cross entropy over non-padding tokens (the pair weights are only used
+    trace-normalized, and a sum keeps batches of any size on one scale). ``power``: the pair weights
     are returned as ``w ** power`` (see ``MoBiEConfig.glas_power``).
     """
     import torch.nn.functional as F
@@ -142,7 +143,10 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
                 tgt = ids[:, 1:]
                 if b.attention_mask is not None:
                     tgt = tgt.masked_fill(b.attention_mask[:, 1:] == 0, -100)
-                loss = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100)
+                # summed, not averaged: each token's gradient must not depend on how many tokens share its
+                # batch (held-back batches are smaller: averaging weighted their tokens 3x, 9x in w)
+                loss = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                       reduction="sum")
                 loss.backward()
             for info in experts:
                 hs, ti, tw, out = saved[info.fqn]
