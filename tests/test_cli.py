@@ -184,3 +184,27 @@ def test_method_spec_sets_config_fields_and_names_bad_ones():
                       ("nosuch:rounds=1", "not known")):
         with pytest.raises(SystemExit, match=says):
             make_config(bad)
+
+
+@pytest.mark.parametrize("save_dtype,expect", [(None, torch.bfloat16), ("float32", torch.float32)])
+def test_quantize_saves_unquantized_weights_in_the_source_dtype(calib_text_file, tmp_path, save_dtype, expect):
+    """The zoo checkpoint is bf16 and is quantized in float32: embeddings, attention, norms and routers go
+    back in bf16 unless asked otherwise; the packed experts keep their own storage."""
+    from safetensors import safe_open
+
+    out = tmp_path / "q"
+    main(["quantize", "--model", "micro-qwen3moe", "--method", "mobie", "--calib", str(calib_text_file),
+          "--nsamples", "4", "--seqlen", "64", "--out", str(out), "--device", "cpu"]
+         + ([] if save_dtype is None else ["--save-dtype", save_dtype]))
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    plain = {k: v for k, v in dtypes.items() if "experts" not in k}
+    assert plain and set(plain.values()) == {{torch.bfloat16: "BF16", torch.float32: "F32"}[expect]}
+    assert any(v == "I32" for k, v in dtypes.items() if "experts" in k)  # packed sign planes
+    info = json.loads((out / REPORT_NAME).read_text())
+    assert info["dtype"] == str(expect).replace("torch.", "")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, S.MoBiETensor)
+    assert model.model.embed_tokens.weight.dtype == expect

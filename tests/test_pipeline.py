@@ -633,3 +633,9 @@ def test_real_algorithms_end_to_end(make):
         assert all(is_sign_rows(experts_of(m, 0).weight(p)) for p in ("gate_up_proj", "down_proj"))
     with torch.no_grad():
         assert torch.isfinite(m(calib(2)).logits).all()
+
+
+def test_package_has_a_version():
+    import torchao_mobie
+
+    assert isinstance(torchao_mobie.__version__, str) and torchao_mobie.__version__.split(".")[0].isdigit()

@@ -16,13 +16,21 @@ torchao-native::
     torchao_mobie.quantize_(model, cfg)                               # step="convert"
 """
 
+from importlib.metadata import PackageNotFoundError, version as _dist_version
+
 from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
 from .baselines import ARBLLMConfig, BiLLMConfig, HBLLMConfig, SignBinaryConfig
 from .config import BinarizationConfig, Scope
 from .mobie import MoBiEConfig
 from . import storage  # registers the "mobie" experts implementation and HF quantizer (packed models)
 
+try:
+    __version__ = _dist_version("torchao_mobie")
+except PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "0.1.0+source"
+
 __all__ = [
+    "__version__",
     "ARBLLMConfig",
     "BiLLMConfig",
     "BinarizationConfig",

@@ -184,6 +184,31 @@ def _model_path(spec: str, opt: str) -> Path:
     raise CLIError(f"{opt} {spec}: no such directory, and not a zoo model name (zoo: {', '.join(ZOO)})")
 
 
+def _save_dtype(name: str, hf_cfg):
+    """The dtype the unquantized weights are saved in: ``auto`` = the source checkpoint's (a bf16 model
+    quantized in float32 must not come back with float32 embeddings, attention and head: twice their bytes)."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    src = getattr(hf_cfg, "dtype", None) or getattr(hf_cfg, "torch_dtype", None)
+    src = getattr(torch, str(src).replace("torch.", ""), None) if src is not None else None
+    return src if isinstance(src, torch.dtype) and src.is_floating_point else torch.float32
+
+
+def _cast_unquantized(model, dtype) -> None:
+    """Cast every plain floating parameter (not the packed experts) to ``dtype``; buffers keep theirs (e.g.
+    DeepSeek's fp32 ``e_score_correction_bias``)."""
+    import torch
+
+    from .storage import MoBiETensor
+
+    for p in model.parameters():  # in place: tied parameters (embeddings / head) stay one tensor
+        if not isinstance(p.data, MoBiETensor) and type(p.data) is torch.Tensor and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    model.config.dtype = dtype
+
+
 def _read_config(path: Path, opt: str, spec: str):
     from transformers import AutoConfig
 
@@ -383,6 +408,7 @@ def cmd_quantize(args):
     timing["quantize_s"] = time.perf_counter() - t
     print(report.summary(), flush=True)
 
+    save_dtype = _save_dtype(args.save_dtype, hf_cfg)
     packed = isinstance(cfg, MoBiEConfig) and not args.no_pack
     why_fake = "--no-pack" if isinstance(cfg, MoBiEConfig) else f"{type(cfg).__name__} has no packed format"
     t = time.perf_counter()
@@ -402,6 +428,7 @@ def cmd_quantize(args):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new directory
     try:
+        _cast_unquantized(model, save_dtype)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         timing["save_s"] = time.perf_counter() - t
@@ -422,7 +449,7 @@ def cmd_quantize(args):
             "fallback_experts": {f"{e.module}.{e.projection}": e.experts for e in report.fallback_events},
             "memory": mem.as_dict(),
             "timing": {k: round(v, 3) for k, v in timing.items()},
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "dtype": str(save_dtype).replace("torch.", ""),
             "versions": _versions(),
         }
         _write_json(tmp / REPORT_NAME, info)
@@ -448,13 +475,9 @@ def _versions() -> dict:
     import torch
     import transformers
 
-    from importlib.metadata import PackageNotFoundError, version
+    from . import __version__
 
-    try:
-        own = version("torchao_mobie")
-    except PackageNotFoundError:
-        own = None
-    return {"torchao_mobie": own, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"torchao_mobie": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,7 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     q.add_argument("--batch-size", type=_positive_int, default=8, help="calibration windows per forward (default 8)")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                   help=_DTYPE_HELP + "; the checkpoint is saved in it (default float32)")
+                   help=_DTYPE_HELP + " for calibration and quantization (default float32)")
+    q.add_argument("--save-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="dtype of the weights that stay unquantized (embeddings, attention, norms, head, routers) in "
+                        "the saved checkpoint; auto: the source checkpoint's (default)")
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--no-pack", action="store_true", help="MoBiE: save fake-quant weights instead of packed 1-bit")
     q.add_argument("--data-dir", default=None, help=_DATA_HELP)
