@@ -193,3 +193,28 @@ def test_evaluate_mc_and_errors(tiny, data_dir):
         evaluate_lm_eval(model, tok, ["no_such_task_xyz"])
     with pytest.raises(ValueError):
         evaluate_lm_eval(model, tok, [])
+
+
+def test_evaluate_with_a_tokenizer_without_bos_or_eos(tiny, data_dir):
+    """lm-eval fell over with a bare TypeError; the model config's bos_token_id is used instead, and with
+    none anywhere the error says what is missing."""
+    import copy
+
+    from torchao_mobie.integrations.lm_eval import evaluate_lm_eval
+
+    model, tok = tiny
+    bare = copy.deepcopy(tok)
+    bare.bos_token = None
+    bare.eos_token = None
+    assert bare.bos_token_id is None and bare.eos_token_id is None
+    ref = evaluate_lm_eval(model, tok, ["wikitext2_mc_local"], limit=4, batch_size=8)
+    res = evaluate_lm_eval(model, bare, ["wikitext2_mc_local"], limit=4, batch_size=8)
+    assert model.config.bos_token_id == tok.bos_token_id  # so the requests are the same as with the full one
+    assert res["wikitext2_mc_local"]["acc"] == ref["wikitext2_mc_local"]["acc"]
+    cfg = copy.deepcopy(model.config)
+    try:
+        model.config.bos_token_id = model.config.eos_token_id = None
+        with pytest.raises(ValueError, match="no BOS or EOS token"):
+            evaluate_lm_eval(model, bare, ["wikitext2_mc_local"], limit=4)
+    finally:
+        model.config = cfg

@@ -81,6 +81,23 @@ def compact_results(raw: dict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _prefix_token_id(model, tokenizer) -> int | None:
+    """The token lm-eval puts before every loglikelihood request. lm-eval takes the tokenizer's BOS, else its
+    EOS, and fails with a bare TypeError when the tokenizer has neither; the model config often has them."""
+    if tokenizer is None or getattr(tokenizer, "bos_token_id", None) is not None \
+            or getattr(tokenizer, "eos_token_id", None) is not None:
+        return None
+    cfg = getattr(model, "config", None)
+    for name in ("bos_token_id", "eos_token_id"):
+        tid = getattr(cfg, name, None)
+        tid = tid[0] if isinstance(tid, (list, tuple)) and tid else tid
+        if isinstance(tid, int):
+            return tid
+    raise ValueError("the tokenizer defines no BOS or EOS token and the model config has no bos_token_id / "
+                     "eos_token_id: lm-eval needs one to start every loglikelihood request; set "
+                     "tokenizer.bos_token (or the config's bos_token_id)")
+
+
 def evaluate_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None,
                      batch_size: int = 8, num_fewshot: int = 0, data_dir: str | Path | None = None,
                      device: str = "cpu", max_length: int | None = None,
@@ -123,7 +140,7 @@ def evaluate_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float |
         if p is not None and p.device != torch.device(device):
             model.to(device)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                  max_length=max_length)
+                  max_length=max_length, prefix_token_id=_prefix_token_id(model, tokenizer))
     raw = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                   task_manager=tm, log_samples=False, bootstrap_iters=bootstrap_iters)
     if raw is None:  # non-zero rank in a distributed run
