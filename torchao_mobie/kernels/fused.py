@@ -47,7 +47,16 @@ def _load_ops():
             from . import ops as _ops_module  # registers torch.ops.mobie_kernels.*
 
             _OPS = _ops_module
+        except ModuleNotFoundError as exc:  # triton itself is not installed: the PyTorch reference runs
+            if not (exc.name or "").startswith("triton"):
+                raise
+            _TRITON_ERROR = exc
         except Exception as exc:  # pragma: no cover - depends on the environment
+            # triton is installed but our kernels do not build with it: say so, then use the reference
+            import logging
+
+            logging.getLogger(__name__).warning("Triton kernels unavailable, using the PyTorch reference: %s: %s",
+                                                type(exc).__name__, exc)
             _TRITON_ERROR = exc
     return _OPS
 
