@@ -13,10 +13,8 @@ from .mobie_tensor import MoBiETensor
 __all__ = ["PARTS_ATTR", "binarize_experts_data_free", "pack_experts", "pack_model", "is_packed", "unpack_model"]
 
 # experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
-# representation (``BinarizedExperts.parts``); pack_model also reads ``record.parts`` of the records
-# left by torchao_mobie.api.
+# representation (``BinarizedExperts.parts``)
 PARTS_ATTR = "_mobie_parts"
-_RECORDS = "_mobie_records"
 
 
 def binarize_experts_data_free(model: nn.Module, quantize) -> dict:
@@ -46,11 +44,7 @@ def is_packed(model: nn.Module) -> bool:
 
 
 def _find_parts(module: nn.Module, projection: str):
-    parts = getattr(module, PARTS_ATTR, {}) or {}
-    if projection in parts:
-        return parts[projection]
-    rec = (getattr(module, _RECORDS, {}) or {}).get(projection)
-    return getattr(rec, "parts", None) if rec is not None else None
+    return (getattr(module, PARTS_ATTR, {}) or {}).get(projection)
 
 
 @torch.no_grad()
@@ -113,7 +107,7 @@ def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
         raise KeyError(f"pack_model: no experts parameter named {sorted(parts)}")
     if not packed:
         raise ValueError("pack_model: no experts weight has an explicit binary representation to pack (looked for "
-                         f"module.{PARTS_ATTR}[projection] and the records' .parts). Only MoBiEConfig produces one "
+                         f"module.{PARTS_ATTR}[projection]). Only MoBiEConfig produces one "
                          "(BinarizedExperts.parts); the BiLLM / ARB-LLM / sign baselines are fake-quant only. "
                          "Pass parts={'<experts fqn>.<projection>': parts} to pack a representation built elsewhere")
     if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
