@@ -95,11 +95,11 @@ class MoBiEConfig(BinarizationConfig):
             layer 2 (0.095 → 0.076) but made the end-to-end gap of its layer 0 worse (0.052 → 0.057), and
             every ridge made qwen3moe-32e worse, so it is off by default.
         side: backbone side, "auto", "input" or "output" (for every projection). "auto" with ``select``:
-            per projection, the layout (input-side, output-side or no backbone) with the lowest MoE-block
-            output error on held-back calibration sequences, each filling the budget with second planes
+            per projection, the layout (input-side, output-side or no backbone) with the lowest LM loss
+            on held-back calibration sequences, each filling the budget with second planes
             (:mod:`torchao_mobie.algorithms.planner`); without ``select``: input side when its int8
             backbone leaves 0.1 bit for second planes, else the cheaper side.
-        select: choose the layout per projection by held-back error: every candidate is fit in full on
+        select: choose the layout per projection by held-back loss: every candidate is fit in full on
             three quarters of the calibration sequences and judged on the fourth (one cheap alternation
             misranked them: captured held-out mixtral-9m layers, where the joint backbones need their refits).
         select_margin: a joint layout displaces per-expert factors only when its held-back loss is lower by
@@ -254,10 +254,10 @@ class MoBiEConfig(BinarizationConfig):
 
         return gate_up_target(E, hidden, inter, cap, self._sides(E, hidden, inter, cap), self._dtype)
 
-    def _plans(self, E, m, n, cap, fill=None):
+    def _plans(self, E, m, n, cap):
         from .algorithms.planner import plan_candidates
 
-        return plan_candidates(E, m, n, cap, self._sides(E, m, n, cap), self._dtype, self.salient_cols, fill=fill)
+        return plan_candidates(E, m, n, cap, self._sides(E, m, n, cap), self._dtype, self.salient_cols)
 
     def _fit_kwargs(self, plan, E, projection, G):
         blocks = self.gate_up_blocks if (plan.side == "output" and projection == "gate_up_proj") else 1

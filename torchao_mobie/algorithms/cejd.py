@@ -552,7 +552,7 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
             f = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds), sal, better)
         B, a, b, B2, b2 = f
         if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
-            B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, lambda Q: _obj(W, Q, full, fside, H, G, True))
+            B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, better)
         Q = _factor(a, B, b, B2 if sal is not None else None, b2)
         history.append(("binarize", float(_obj(W, Q, full, fside, H, G))))
         if side == "none":

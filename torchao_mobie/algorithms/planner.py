@@ -4,11 +4,11 @@ One projection of ``E`` experts ``[m, n]`` can be stored three ways (:mod:`.cejd
 the input side, a joint backbone on the output side, or per-expert binary factors with no backbone
 (``"none"``). Which one is best depends on how much the experts share, and the model does not say so in
 its shape: on the DeepSeek-V3-style held-out model's gate_up, the output-side backbone reached a
-held-back block error of 0.045 at 1.26 bits and per-expert factors 0.030 at 1.50, while on the zoo the
-joint layouts win. So every layout whose backbone fits the budget is a candidate; each spends the rest
-of the budget on second binary planes over its most salient factor columns (up to all ``n``: a full
-second plane), and the candidate with the lowest MoE-block output error on held-back calibration
-tokens is kept (:func:`select_plan`).
+held-back layer error of 0.045 at 1.26 bits and per-expert factors 0.030 at 1.50. So every layout whose
+backbone fits the budget is a candidate; each spends the rest of the budget on second binary planes over
+its most salient factor columns (up to all ``n``: a full second plane), and the candidate with the lowest
+LM loss on held-back calibration sequences (:mod:`torchao_mobie.calibration.heldback`) is kept, a joint
+layout only when it wins clearly (:func:`select_plan`).
 """
 
 from __future__ import annotations
@@ -50,12 +50,9 @@ def bits_estimate(E: int, m: int, n: int, side: str, dtype: str, salient: int = 
     return 1 + scales + second + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
 
 
-def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salient: int | None = None,
-                    fill: float | None = None) -> list[Plan]:
-    """The layouts of ``sides`` whose backbone fits ``cap``, each with as many salient columns as ``fill``
-    (default ``cap``) leaves (or exactly ``salient``). Never empty: when nothing fits, the cheapest layout
-    without planes."""
-    fill = cap if fill is None else fill
+def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salient: int | None = None) -> list[Plan]:
+    """The layouts of ``sides`` whose backbone fits ``cap``, each with as many salient columns as the cap
+    leaves (or exactly ``salient``). Never empty: when nothing fits, the cheapest layout without planes."""
     out = []
     for side in sides:
         base = bits_estimate(E, m, n, side, dtype)
@@ -65,7 +62,7 @@ def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salie
             s = min(salient, n)
         else:
             per_col = (m + CODE_BITS) / (m * n)
-            room = fill - MARGIN - base - 1.0 / m  # the bitmap is paid once any column is salient
+            room = cap - MARGIN - base - 1.0 / m  # the bitmap is paid once any column is salient
             s = max(0, min(n, int(room / per_col))) if room > 0 else 0
         out.append(Plan(side, dtype, s, bits_estimate(E, m, n, side, dtype, s)))
     if not out:

@@ -54,8 +54,8 @@ class ExpertStatsCollector:
     projections: which per-expert Hessians to collect (``"gate_up_proj"``, ``"down_proj"``).
     min_expert_tokens: experts with fewer routed tokens fall back to the layer-level Hessian.
     token_mask: optional ``[T]`` bool set by the caller before each batch (False = padding, ignored).
-    heldback: also accumulate the Hessians of the tokens that are not held back (the main ones keep every
-        token); the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch.
+    heldback: also keep the Hessians of the tokens that are not held back apart (the main ones are still
+        over every token); the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch.
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -155,19 +155,22 @@ class ExpertStatsCollector:
         add_outer(self.layer_sum_xxt, x_layer)
         self.layer_tokens += x_layer.shape[0]
 
-        routed = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=mask,
-                              pair_weights=pair_weights)
-        self.counts += routed.counts
-        self._add(self.sums, routed, x)
+        # with a split, each token goes to exactly one of two disjoint sums (fit part, held-back part in
+        # self.sums); finalize adds them
+        parts = [(mask, self.sums, None)]
         if self.heldback:
-            fit = torch.ones(x.shape[0], dtype=torch.bool, device=self.device)
+            held = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
             if self.heldback_mask is not None:
-                fit = ~self.heldback_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
-            fit = fit if mask is None else fit & mask
-            routed_fit = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=fit,
-                                      pair_weights=pair_weights)
-            self.fit_counts += routed_fit.counts
-            self._add(self.fit_sums, routed_fit, x)
+                held = self.heldback_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+            keep = torch.ones_like(held) if mask is None else mask
+            parts = [(keep & ~held, self.fit_sums, self.fit_counts), (keep & held, self.sums, None)]
+        for part_mask, sums, part_counts in parts:
+            routed = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=part_mask,
+                                  pair_weights=pair_weights)
+            self.counts += routed.counts
+            if part_counts is not None:
+                part_counts += routed.counts
+            self._add(sums, routed, x)
 
         if "down_proj" in self.sums:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
@@ -219,6 +222,9 @@ class ExpertStatsCollector:
                 f"{self.experts.fqn or 'experts module'}: no tokens were observed; run calibration batches "
                 "through the model between the 'observe' and 'convert' steps")
         h = self.sums.pop(projection)
+        fit_sum = self.fit_sums.pop(projection, None)
+        if fit_sum is not None:
+            h += fit_sum
         counts = self.counts.clone()
         h.div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
         starved = (counts < self.min_expert_tokens).nonzero().flatten().tolist()
@@ -251,9 +257,9 @@ class ExpertStatsCollector:
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
                               experts_total=self.experts.num_experts, notes=notes)
         split = None
-        if projection in self.fit_sums:
+        if fit_sum is not None:
             fc = self.fit_counts.clone()
-            fit = self.fit_sums.pop(projection).div_(fc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+            fit = fit_sum.div_(fc.clamp(min=1).to(h.dtype).view(-1, 1, 1))
             for e in set(fallback) | set((fc == 0).nonzero().flatten().tolist()):
                 fit[e] = h[e]
             split = (fit, fc)
