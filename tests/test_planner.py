@@ -14,19 +14,21 @@ def _spd(E, n, g, tokens=None):
     return X.transpose(1, 2) @ X / X.shape[1]
 
 
-@pytest.mark.parametrize("side,sal", [("input", 0), ("input", 5), ("output", 7), ("none", 24), ("none", 0)])
-def test_bits_estimate_matches_the_stored_bits(side, sal):
+@pytest.mark.parametrize("side,sal,planes", [("input", 0, 1), ("input", 5, 1), ("output", 7, 1), ("none", 24, 1),
+                                             ("none", 0, 1), ("none", 3, 3), ("output", 0, 2)])
+def test_bits_estimate_matches_the_stored_bits(side, sal, planes):
     g = torch.Generator().manual_seed(0)
     E, m, n = 6, 16, 24
     W, H = torch.randn(E, m, n, generator=g), _spd(E, n, g)
-    res = C.cejd_quantize(W, H, side=side, backbone_dtype="int8", rounds=1, salient_cols=sal)
-    assert bits_estimate(E, m, n, side, "int8", sal) == pytest.approx(res.bits.all_inclusive_bits, rel=1e-9)
+    res = C.cejd_quantize(W, H, side=side, backbone_dtype="int8", rounds=1, salient_cols=sal, planes=planes)
+    assert bits_estimate(E, m, n, side, "int8", sal, planes) == pytest.approx(res.bits.all_inclusive_bits, rel=1e-9)
+    assert (res.parts.get("sign_x") is not None) == (planes > 1)
     # a second plane exists on the output side and without a backbone too
     assert (res.parts["sign2"] is not None) == (sal > 0)
     torch.testing.assert_close(res.weight, C.reconstruct(res.parts))
 
 
-def test_candidates_fill_the_budget_up_to_a_full_second_plane():
+def test_candidates_fill_the_budget_with_full_planes_then_salient_columns():
     E, m, n = 32, 192, 256
     plans = {p.side: p for p in plan_candidates(E, m, n, 1.5, ["input", "output", "none"], "int8")}
     assert set(plans) == {"input", "output", "none"}
@@ -34,9 +36,13 @@ def test_candidates_fill_the_budget_up_to_a_full_second_plane():
         assert p.bits <= 1.5
         # one more salient column would break the cap
         assert bits_estimate(E, m, n, p.side, "int8", p.salient + 1) > 1.5 - 0.02
-    # at a large cap every layout stops at a full second plane
-    for p in plan_candidates(E, m, n, 4.0, ["input", "output", "none"], "int8"):
-        assert p.salient == n
+        assert p.planes == 1
+    # a larger cap buys whole further planes (a salient plane never covers every column), then columns
+    for cap, planes in ((2.5, 2), (4.0, 3)):
+        for p in plan_candidates(E, m, n, cap, ["input", "output", "none"], "int8"):
+            assert p.planes == planes and 0 < p.salient < n and p.bits <= cap
+            assert bits_estimate(E, m, n, p.side, "int8", p.salient + 1, p.planes) > cap - 0.02
+    assert {p.planes for p in plan_candidates(E, m, n, 9.0, ["none"], "int8")} == {4}
     # a backbone that alone breaks the cap is no candidate; nothing fitting still gives one plan
     tight = plan_candidates(8, 64, 64, 1.2, ["input", "output", "none"], "int8")
     assert [p.side for p in tight] == ["none"]
@@ -140,14 +146,17 @@ def test_gate_up_target_gives_down_proj_its_full_plane_first():
     sides = ["input", "output", "none"]
     E, hidden, inter = 32, 160, 64
     t = gate_up_target(E, hidden, inter, 1.5, sides, "int8")
-    down_full = bits_estimate(E, hidden, inter, "none", "int8", inter)
+    down_full = bits_estimate(E, hidden, inter, "none", "int8", 0, 2)  # two full planes
     out_base = bits_estimate(E, 2 * inter, hidden, "output", "int8")
     # gate_up gets what down_proj's full plane leaves, here too little for an output-side backbone
     assert t == pytest.approx((4.5 - down_full) / 2) and t < out_base + MARGIN
     cands = plan_candidates(E, 2 * inter, hidden, t + MARGIN, sides, "int8")
     assert [p.side for p in cands] == ["none"] and cands[0].bits <= t + MARGIN
+    assert gate_up_target(E, hidden, inter, 2.2, sides, "int8") == pytest.approx((6.6 - down_full) / 2)
+    # from ~2.5 bits on, down_proj keeps a plane ahead of gate_up
+    down3 = bits_estimate(E, hidden, inter, "none", "int8", 0, 3)
     t2 = gate_up_target(E, hidden, inter, 3.0, sides, "int8")
-    assert t2 == pytest.approx((9.0 - down_full) / 2)
+    assert t2 == pytest.approx((9.0 - down3) / 2) and t2 < down3
 
 
 def test_later_layers_only_try_the_layouts_that_won():

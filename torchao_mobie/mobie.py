@@ -110,11 +110,11 @@ class MoBiEConfig(BinarizationConfig):
         select_refit: fit the chosen layout again on every calibration sequence (else keep its fit on
             the three quarters).
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
-            number of salient columns); None = 1.5 on fine-grained layers (>= 16 experts), 2.2 on coarse
-            ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first call, up to
-            a full second plane, and gate_up (2/3 of the weights) gets the rest
-            (:func:`~torchao_mobie.algorithms.planner.gate_up_target`). Two full planes are the format's
-            ceiling (~2.1 bits per-expert, more with a backbone): a larger cap is not spent.
+            number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
+            2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first
+            call, up to two full planes (a plane ahead of gate_up from ~2.5 bits on), and gate_up (2/3 of
+            the weights) gets the rest (:func:`~torchao_mobie.algorithms.planner.gate_up_target`). Up to
+            four full planes (``planner.MAX_PLANES``) plus a salient plane: caps up to ~4.5 bits are spent.
 
     Defaults (rounds=2, refine=2, polish=1, scale_rounds=1, percdamp=0.1, glas_lambda=0.5, nges_mu=1) were chosen
     on qwen3moe-32e / mixtral-8e layer and end-to-end measurements (glas_lambda=1.0 was catastrophic:
@@ -122,14 +122,16 @@ class MoBiEConfig(BinarizationConfig):
 
     Representation (``BinarizedExperts.parts[e]``, see :func:`torchao_mobie.algorithms.cejd.reconstruct`)::
 
-        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + sign2 * col_scale2[None, :])
+        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + Σ_p sign_x[p] * col_scale_x[p][None, :]
+                                    + sign2 * col_scale2[None, :])
         W_hat[e] = backbone_matrix(backbone) @ Q_e    (side "output")
         W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
         W_hat[e] = Q_e                                (side "none": cejd=False)
 
     signs int8 ±1; scales fp16, decoded from the stored 8-bit log codes (``row_code``, ``col_code``,
-    ``col_code2`` with the expert's ``scale_grid [3, 2]``: :mod:`torchao_mobie.algorithms.scale_codes`);
-    ``sign2``/``col_scale2`` None or zero outside the salient columns; the
+    ``col_code2``, ``col_code_x [P, n]`` with the expert's ``scale_grid [3 + P, 2]``:
+    :mod:`torchao_mobie.algorithms.scale_codes`); ``sign_x [P, m, n]``/``col_scale_x`` the further full planes
+    (None with one plane); ``sign2``/``col_scale2`` None or zero outside the salient columns; the
     backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
     for int8, ``side``) is one object shared by every expert of the projection and counted once in
     ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
@@ -263,7 +265,7 @@ class MoBiEConfig(BinarizationConfig):
         blocks = self.gate_up_blocks if (plan.side == "output" and projection == "gate_up_proj") else 1
         hdamp = self.hdamp if self.hdamp is not None else (1.0 if (E < 16 and plan.side == "input") else 0.0)
         return dict(side=plan.side, blocks=blocks, G=G, backbone_dtype=plan.dtype, scale_rounds=self.scale_rounds,
-                    percdamp=self.percdamp, salient_cols=plan.salient, hdamp=hdamp)
+                    percdamp=self.percdamp, salient_cols=plan.salient, hdamp=hdamp, planes=plan.planes)
 
     def quantize_experts(self, W3d, H3d, *, context: QuantContext | None = None) -> BinarizedExperts:
         from .algorithms import cejd as C
@@ -320,9 +322,9 @@ class MoBiEConfig(BinarizationConfig):
             res = C.cejd_quantize(W, H, **full, **self._fit_kwargs(plan, E, projection, G))
         p = res.parts
         per_expert = ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "row_code", "col_code", "col_code2",
-                      "scale_grid")
+                      "scale_grid", "sign_x", "col_scale_x", "col_code_x")
         parts = [{"side": p["side"], "backbone": p["backbone"],
-                  **{k: None if p[k] is None else p[k][e] for k in per_expert}}
+                  **{k: None if p.get(k) is None else p[k][e] for k in per_expert}}
                  for e in range(E)]
         return BinarizedExperts(res.weight, res.bits, parts)
 

@@ -25,14 +25,15 @@ For one projection of one MoE layer with experts ``W_e [m, n]`` and input Hessia
 Reconstruction (exact, documented; see :func:`reconstruct`)::
 
     Q_e      = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :]
+                                        + Σ_p sign_x[e, p] * col_scale_x[e, p][None, :]
                                         + sign2[e] * col_scale2[e][None, :])   (fp16 scales, ±1 signs;
-                                                                                 sign2 term optional)
+                                                                                 sign_x / sign2 optional)
     W_hat[e] = backbone @ Q_e   (side "output")      W_hat[e] = Q_e @ backbone   (side "input")
 
 with ``backbone`` the block-diagonal matrix of the stored blocks, dequantized from its stored dtype
 (bfloat16, or int8 with one fp16 scale per row: ``backbone = int8 * scale[:, None]``), and the fp16
-scales decoded from their 8-bit codes (``row_code``, ``col_code``, ``col_code2`` and the per-expert
-``scale_grid [E, 3, 2]``, see :func:`~torchao_mobie.algorithms.scale_codes.decode_log8`).
+scales decoded from their 8-bit codes (``row_code``, ``col_code``, ``col_code2``, ``col_code_x`` and the
+per-expert ``scale_grid [E, 3 + P, 2]``, see :func:`~torchao_mobie.algorithms.scale_codes.decode_log8`).
 All computations are fp32/fp64 batched over experts.
 """
 
@@ -173,7 +174,15 @@ def gptq_signs(A, Hf, row_scale, row_weight=None, percdamp: float = 0.01, salien
     ``salient [E, n]`` (bool) get a second residual plane ``B2`` with its own column scale ``b2``
     (zero elsewhere). Returns (B, b, B2, b2).
     """
+    return _gptq(A, Hf, row_scale, row_weight, percdamp, salient, block)[:4]
+
+
+def _gptq(A, Hf, row_scale, row_weight=None, percdamp: float = 0.01, salient=None, block: int = 32, extra: int = 0):
+    """:func:`gptq_signs` with ``extra`` full residual planes between the first plane and the salient one:
+    returns (B, b, B2, b2, X [E, extra, m, n], x [E, extra, n])."""
     E, m, n = A.shape
+    X = torch.zeros(E, extra, m, n, dtype=A.dtype)
+    xbeta = torch.zeros(E, extra, n, dtype=A.dtype)
     U = _upper_inv_chol(Hf, percdamp)
     Wc = A.clone()
     B = torch.empty_like(A)
@@ -196,6 +205,13 @@ def gptq_signs(A, Hf, row_scale, row_weight=None, percdamp: float = 0.01, salien
             q = a * s * b[:, None]
             B[:, :, j] = s
             beta[:, j] = b
+            for p in range(extra):  # each further full plane binarizes what the planes before it left
+                r = w - q
+                sp = _sign(r)
+                bp = (wa * r.abs()).sum(-1) / den
+                q = q + a * sp * bp[:, None]
+                X[:, p, :, j] = sp
+                xbeta[:, p, j] = bp
             if salf is not None:
                 r = w - q
                 s2 = _sign(r)
@@ -209,7 +225,7 @@ def gptq_signs(A, Hf, row_scale, row_weight=None, percdamp: float = 0.01, salien
                 W1[:, :, jj + 1:] -= err[:, :, None] * U[:, j, None, j + 1:s1]
         if s1 < n:
             Wc[:, :, s1:] -= Err @ U[:, s0:s1, s1:]
-    return B, beta, B2, beta2
+    return B, beta, B2, beta2, X, xbeta
 
 
 def _factor(a, B, b, B2=None, b2=None):
@@ -472,6 +488,9 @@ def reconstruct(parts: dict) -> torch.Tensor:
     (int8: ``blocks * scale[..., None]``).
     """
     C = parts["sign"].float() * parts["col_scale"].float()[..., None, :]
+    if parts.get("sign_x") is not None:  # further full planes, in order
+        for p in range(parts["sign_x"].shape[-3]):
+            C = C + parts["sign_x"].select(-3, p).float() * parts["col_scale_x"].select(-2, p).float()[..., None, :]
     if parts.get("sign2") is not None:
         C = C + parts["sign2"].float() * parts["col_scale2"].float()[..., None, :]
     Q = parts["row_scale"].float()[..., :, None] * C
@@ -497,7 +516,7 @@ def choose_side(m: int, n: int) -> str:
 def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dtype: str = "bfloat16",
                   G=None, rounds: int = 3, scale_rounds: int = 3, percdamp: float = 0.01,
                   cg_iters: int = 60, weights=None, salient_cols: int = 0, refine: int = 0,
-                  polish: int = 0, hdamp: float = 0.0) -> CEJDResult:
+                  polish: int = 0, hdamp: float = 0.0, planes: int = 1) -> CEJDResult:
     """Joint decomposition + binarization of one projection ``W [E, m, n]`` with Hessians ``H [E, n, n]``.
 
     side: "input" | "output" | None (auto: the cheaper side) | "none" (no backbone: the binary factor
@@ -506,7 +525,10 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         (per-expert problems are scale free, the backbone refit is not).
     G ``[m, m]``: output metric (NGES); None = identity.
     rounds: binarize ↔ backbone-refit alternations.
-    salient_cols: per expert, factor columns with a second binary plane (largest output-error energy).
+    salient_cols: per expert, factor columns with a further binary plane (largest output-error energy).
+    planes: full binary planes of the factor (1 = one sign per weight); the salient plane comes on top.
+        Planes are fit jointly: signs plane by plane on each column's residual, then scales and signs of
+        all planes on the one objective (the planes as column blocks of one wider factor, :func:`_stacked`).
     refine: rounds of greedy sign coordinate descent (+ scale refit) after the GPTQ sign pass of the
         last alternation only: refining earlier anchors the backbone refit to those signs and lands in a
         worse optimum (captured mixtral-8e gate_up layers: layer objective +19% on average).
@@ -523,6 +545,9 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     if weights is not None:
         H = H * (weights.float() / weights.float().mean().clamp_min(1e-30)).to(H.device)[:, None, None]
     E, m, n = W.shape
+    if not isinstance(planes, int) or planes < 1:
+        raise ValueError(f"cejd_quantize: planes must be an int >= 1, got {planes!r}")
+    P = planes - 1
     side = side or choose_side(m, n)
     if side != "output":
         blocks = 1
@@ -533,19 +558,25 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         bb = init_backbone(W, H, "input" if side == "input" else "output", blocks)
     fside = "input" if side == "none" else side
     history = []
-    B = a = b = B2 = b2 = sal = None
+    B = a = b = B2 = b2 = sal = sal0 = None
+    collapse = (lambda Q: Q) if P == 0 else (lambda Q: Q.view(E, m, P + 1, n).sum(2))  # noqa: E731
     for r in range(rounds):
         full = _blockdiag(bb)
-        fm = factor_metrics(W, H, full, fside, G)
+        fm0 = factor_metrics(W, H, full, fside, G)
+        fm = _stacked(fm0, P)
         prev = None if B is None else (B, a, b, B2, b2)
         if B is None:
-            a, b = _init_scales(fm.A)
-            sal = select_salient(fm, salient_cols)
-        B, b, B2, b2 = gptq_signs(fm.A, fm.Hf, a, None if fm.Gf is None else fm.Gf.diagonal(dim1=-2, dim2=-1),
-                                  percdamp, sal)
+            a, b = _init_scales(fm0.A)
+            sal0 = select_salient(fm0, salient_cols)
+            sal = _pad_cols(sal0, P)
+        B, b, B2, b2, X, xb = _gptq(fm0.A, fm0.Hf, a, None if fm0.Gf is None else fm0.Gf.diagonal(dim1=-2, dim2=-1),
+                                    percdamp, sal0, extra=P)
+        if P:
+            B, b = torch.cat([B, *X.unbind(1)], -1), torch.cat([b, *xb.unbind(1)], -1)
+            B2, b2 = _pad_cols(B2, P), _pad_cols(b2, P)
         # every closed-form step is kept per expert only if it helps: on a nearly singular Hessian (few
         # tokens) two planes on one column can cancel with scales beyond fp16
-        better = lambda Q: _obj(W, Q, full, fside, H, G, True)  # noqa: E731
+        better = lambda Q: _obj(W, collapse(Q), full, fside, H, G, True)  # noqa: E731
         f = (B, a, b, B2, b2)
         f = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
         if r == rounds - 1:  # refined signs in an earlier round anchor the backbone refit in a worse optimum
@@ -553,7 +584,7 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         B, a, b, B2, b2 = f
         if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
             B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, better)
-        Q = _factor(a, B, b, B2 if sal is not None else None, b2)
+        Q = collapse(_factor(a, B, b, B2 if sal is not None else None, b2))
         history.append(("binarize", float(_obj(W, Q, full, fside, H, G))))
         if side == "none":
             break
@@ -563,13 +594,17 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     if side != "none":
         # store the backbone at its dtype, then refit the scales against the stored backbone
         stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
-        fm = factor_metrics(W, H, _blockdiag(deq), side, G)
+        fm = _stacked(factor_metrics(W, H, _blockdiag(deq), side, G), P)
         prev = (B, a, b, B2, b2)
         new = refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
         new = _refine(*new, sal, fm, polish, scale_rounds)
-        B, a, b, B2, b2 = _keep_better(prev, new, sal, lambda Q: _obj(W, Q, _blockdiag(deq), side, H, G, True))
+        B, a, b, B2, b2 = _keep_better(prev, new, sal,
+                                       lambda Q: _obj(W, collapse(Q), _blockdiag(deq), side, H, G, True))
         backbone = {"blocks": stored, "dtype": backbone_dtype, "scale": bscale, "side": side}
     two = sal is not None
+    if P:  # back from the stacked column blocks to plane-wise tensors
+        X, xb = B[..., n:].view(E, m, P, n).transpose(1, 2), b[:, n:].view(E, P, n)
+        B, b, B2, b2, sal = B[..., :n], b[:, :n], B2[..., :n], b2[:, :n], sal0
     # scales are stored as log-uniform 8-bit codes (scale_codes); the parts carry the codes and the
     # decoded fp16 values, which are what reconstruct() and the packed tensor compute with
     row_code, g_row = encode_log8(a)
@@ -579,15 +614,38 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
              "col_scale": decode_log8(col_code, g_col),
              "sign2": B2.to(torch.int8) if two else None,
              "col_scale2": decode_log8(col_code2, g_col2) if two else None,
-             "salient": sal, "row_code": row_code, "col_code": col_code, "col_code2": col_code2,
-             "scale_grid": torch.stack([g_row, g_col, g_col2], 1)}
+             "salient": sal, "row_code": row_code, "col_code": col_code, "col_code2": col_code2}
+    grids = [g_row, g_col, g_col2]
+    if P:
+        col_code_x, g_x = encode_log8(xb)
+        parts.update(sign_x=X.to(torch.int8), col_code_x=col_code_x, col_scale_x=decode_log8(col_code_x, g_x))
+        grids += list(g_x.unbind(1))
+    parts["scale_grid"] = torch.stack(grids, 1)
     What = reconstruct(parts)
     history.append(("stored", float(layer_objective(W, What, H, G))))
     n_sal = int(sal.sum()) if two else 0
-    bits = BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * n_sal, bitmap_bits=E * n if two else 0,
-                     param_bits=CODE_BITS * (E * (m + n) + n_sal) + FP16 * GRID_FP16_PER_EXPERT * E,
+    bits = BitBudget(n_weights=E * m * n, sign_bits=E * m * n * planes + m * n_sal, bitmap_bits=E * n if two else 0,
+                     param_bits=CODE_BITS * (E * (m + n * planes) + n_sal) + FP16 * (GRID_FP16_PER_EXPERT + 2 * P) * E,
                      backbone_bits=0 if backbone is None else backbone_bits(tuple(bb.shape), backbone_dtype))
     return CEJDResult(What, bits, parts, history[-1][1], history)
+
+
+def _stacked(fm: FactorMetrics, P: int) -> FactorMetrics:
+    """The factor problem of ``1 + P`` full planes as one factor with ``(1 + P)·n`` columns: the weight is
+    the sum of the column blocks, ``Q = [Q_0 … Q_P] Sᵀ`` with ``S = [I … I]``, so the right metric becomes
+    ``S Hf Sᵀ`` (``Hf`` tiled) and the cross term ``T S``; scale refits and sign descent then work on
+    every plane unchanged."""
+    if P == 0:
+        return fm
+    k = P + 1
+    return FactorMetrics(fm.Gf, fm.Hf.repeat(1, k, k), fm.T.repeat(1, 1, k), fm.A.repeat(1, 1, k))
+
+
+def _pad_cols(t, P: int):
+    """``t [..., n]`` followed by ``P·n`` zero (or False) columns: the salient plane lives on block 0."""
+    if t is None or P == 0:
+        return t
+    return torch.cat([t, t.new_zeros(*t.shape[:-1], P * t.shape[-1])], -1)
 
 
 def _refine(B, a, b, B2, b2, sal, fm, times: int, scale_rounds: int):

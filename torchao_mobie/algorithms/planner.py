@@ -22,49 +22,62 @@ import torch
 
 from .scale_codes import CODE_BITS, GRID_FP16_PER_EXPERT
 
-__all__ = ["MARGIN", "Plan", "bits_estimate", "gate_up_target", "plan_candidates", "select_plan"]
+__all__ = ["MARGIN", "MAX_PLANES", "Plan", "bits_estimate", "gate_up_target", "plan_candidates", "select_plan"]
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.02  # bits kept free of the cap for the estimate's rounding
+MAX_PLANES = 4  # full binary planes per factor (budgets up to ~4-5 bits per weight)
 
 
 @dataclass(frozen=True)
 class Plan:
     side: str  # "input" | "output" | "none"
     dtype: str  # stored backbone dtype
-    salient: int  # factor columns with a second binary plane, per expert
+    salient: int  # factor columns with a further (salient) binary plane, per expert
     bits: float  # estimated all-inclusive bits per weight
+    planes: int = 1  # full binary planes
 
 
-def bits_estimate(E: int, m: int, n: int, side: str, dtype: str, salient: int = 0) -> float:
+def bits_estimate(E: int, m: int, n: int, side: str, dtype: str, salient: int = 0, planes: int = 1) -> float:
     """All-inclusive bits per weight: signs, 8-bit row and column scale codes with their per-expert grid,
-    the backbone (input side n×n, output side m×m) shared by E experts, and ``salient`` second-plane
-    columns (their signs, codes and the column bitmap)."""
+    the backbone (input side n×n, output side m×m) shared by E experts, ``planes - 1`` further full planes
+    (signs, column codes, grid) and ``salient`` columns of a last plane (their signs, codes and the column
+    bitmap)."""
     scales = (CODE_BITS * (m + n) + 16 * GRID_FP16_PER_EXPERT) / (m * n)
+    extra = (planes - 1) * (m * n + CODE_BITS * n + 32) / (m * n)
     second = 0.0 if salient <= 0 else (salient * (m + CODE_BITS) + n) / (m * n)
     if side == "none":
-        return 1 + scales + second
+        return 1 + scales + extra + second
     k = m if side == "output" else n
     per = {"bfloat16": 16, "float32": 32, "int8": 8}[dtype]
-    return 1 + scales + second + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
+    return 1 + scales + extra + second + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
 
 
 def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salient: int | None = None) -> list[Plan]:
     """The layouts of ``sides`` whose backbone fits ``cap``, each with as many salient columns as the cap
-    leaves (or exactly ``salient``). Never empty: when nothing fits, the cheapest layout without planes."""
+    leaves (or exactly ``salient``). A layout whose salient plane would cover every column takes a further
+    full plane instead (up to ``MAX_PLANES``), cheaper by the bitmap and fit jointly with the first (the
+    salient plane's signs are chosen once; full planes are refined with the rest), and fills the rest
+    again. Never empty: when nothing fits, the cheapest layout without planes."""
     out = []
     for side in sides:
         base = bits_estimate(E, m, n, side, dtype)
         if base + MARGIN > cap and side != "none":
             continue
-        if salient is not None:
-            s = min(salient, n)
-        else:
+        planes = 1
+        while True:
+            base = bits_estimate(E, m, n, side, dtype, 0, planes)
+            if salient is not None:
+                s = min(salient, n)
+                break
             per_col = (m + CODE_BITS) / (m * n)
             room = cap - MARGIN - base - 1.0 / m  # the bitmap is paid once any column is salient
             s = max(0, min(n, int(room / per_col))) if room > 0 else 0
-        out.append(Plan(side, dtype, s, bits_estimate(E, m, n, side, dtype, s)))
+            if s < n or planes >= MAX_PLANES:
+                break
+            planes += 1
+        out.append(Plan(side, dtype, s, bits_estimate(E, m, n, side, dtype, s, planes), planes))
     if not out:
         side = min(sides, key=lambda sd: bits_estimate(E, m, n, sd, dtype))
         out.append(Plan(side, dtype, 0, bits_estimate(E, m, n, side, dtype)))
@@ -73,12 +86,13 @@ def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salie
 
 def gate_up_target(E: int, hidden: int, inter: int, cap: float, sides, dtype: str) -> float:
     """Bits per weight for every gate_up candidate of a layer with ``cap`` on average; down_proj gets the
-    rest (``3·cap − 2·gate_up``). down_proj has first call on the budget, up to a full second plane of its
-    cheapest layout: second planes pay far more there. Measured (seed 0, per-expert factors, gate_up / down
+    rest (``3·cap − 2·gate_up``). down_proj has first call on the budget, up to two full planes of its
+    cheapest layout (a plane more from ~2.5 bits on): second planes pay far more there. Measured (seed 0, per-expert factors, gate_up / down
     bits): qwen3moe-32e 1.47 / 1.49 gap 0.038, 1.32 / 1.82 0.030 (some layers joint), 1.18 / 2.13 0.027;
     heldout-deepseekv3-9m 1.26 / 1.98 0.023, 1.18 / 2.13 0.020. A joint gate_up layout whose backbone
     alone exceeds the target is no candidate."""
-    down_full = min(bits_estimate(E, hidden, inter, s, dtype, inter) for s in sides)
+    planes = max(2, min(MAX_PLANES, math.floor(cap + 0.5)))  # past ~2.5 bits down_proj stays a plane ahead
+    down_full = min(bits_estimate(E, hidden, inter, s, dtype, 0, planes) for s in sides)
     return (3 * cap - down_full) / 2
 
 
@@ -104,6 +118,6 @@ def select_plan(plans: list[Plan], fit, score, name: str = "", reference: str = 
         d = raw[best] - raw[ref]
         if not float(d.mean()) < -z * float(d.std()) / math.sqrt(d.numel()):
             best = ref
-    log.debug("%s: %s -> %s", name, ", ".join(f"{p.side}+{p.salient} ({p.bits:.2f} b): {m:.6g}"
+    log.debug("%s: %s -> %s", name, ", ".join(f"{p.side}x{p.planes}+{p.salient} ({p.bits:.2f} b): {m:.6g}"
                                                for p, m in zip(plans, means)), plans[best].side)
     return plans[best], fits[best], means

@@ -44,7 +44,7 @@ __all__ = ["MoBiEHfConfig", "MoBiEHfQuantizer", "attach_quantizer", "QUANT_METHO
 
 QUANT_METHOD = "mobie"
 _DATA_NAMES = ["qdata", "row_scale", "col_scale", "backbone", "backbone_scale", "qdata2", "col_scale2", "salient",
-               "mean", "scale_grid"]
+               "mean", "scale_grid", "qdata_x", "col_scale_x"]
 
 
 class MoBiEHfConfig(QuantizationConfigMixin):

@@ -115,9 +115,13 @@ def fused_moe_binary(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weig
     PyTorch reference otherwise), or force ``"gemv"``, ``"gemm"``, ``"reference"``.
     """
     _check(gate_up, down, hidden, top_k_index, has_gate, activation)
+    planes = gate_up.extra_planes or down.extra_planes  # past two planes: not in the kernels yet
     if path == "auto":
-        path = "reference" if not triton_usable(hidden) else (
+        path = "reference" if planes or not triton_usable(hidden) else (
             "gemv" if top_k_index.numel() <= GEMV_MAX_PAIRS else "gemm")
+    if planes and path != "reference":
+        raise NotImplementedError(f"fused_moe_binary: path={path!r} with more than one full binary plane "
+                                  "(max_bits past two planes); use path='auto' or 'reference'")
     if path == "reference":
         return moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, has_gate=has_gate,
                                     activation=activation)

@@ -5,9 +5,10 @@ Two levels:
 * :func:`moe_binary_dense_reference` — dequantizes every selected expert weight with
   :meth:`MoBiETensor.dequantize` and runs the textbook MoE (obviously correct; ``O(P·m·n)`` memory,
   tests only);
-* :func:`moe_binary_reference` — the same algebra as the kernels, in fp32 PyTorch, built from
-  helper ops that mirror the Triton ones one to one (``binary_gemv_ref``, ``blockdiag_ref``); used on
-  CPU and wherever Triton cannot run.
+* :func:`moe_binary_reference` — the same algebra and backbone placement as the kernels, in fp32
+  PyTorch: the binary factors through the packed tensor's one ±1 reference
+  (:meth:`MoBiETensor.factor_mm`), the backbones through ``blockdiag_ref``; used on CPU and wherever
+  Triton cannot run.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..storage.packing import unpack_signs
 
-__all__ = ["moe_binary_dense_reference", "moe_binary_reference", "binary_pairs_ref", "blockdiag_ref",
+__all__ = ["moe_binary_dense_reference", "moe_binary_reference", "blockdiag_ref",
            "ACTIVATIONS"]
 
 ACTIVATIONS = {
@@ -64,48 +64,9 @@ def blockdiag_ref(z: torch.Tensor, blocks: torch.Tensor, blocks_scale: torch.Ten
     return y
 
 
-def binary_pairs_ref(x, ids, w, salient_idx=None) -> torch.Tensor:
-    """``Q_{ids[i]} x_i`` for every row (``x [P, n]`` fp32), exactly the kernels' algebra:
-    ``row_scale ⊙ (B (x ⊙ col_scale) + B2 (x[sal] ⊙ col_scale2)) + mean · Σx``. Unpacks only the
-    experts that are used (one loop iteration per distinct expert: host sync, reference only)."""
-    P, n = x.shape
-    E, m = w.row_scale.shape
-    out = torch.zeros(P, m, dtype=torch.float32, device=x.device)
-    for e in torch.unique(ids).tolist():
-        rows = (ids == e).nonzero().squeeze(-1)
-        xe = x[rows].float()
-        y = (xe * w.col_scale[e].float()) @ unpack_signs(w.qdata[e], n).t()
-        if w.qdata2 is not None:
-            y = y + (xe[:, salient_idx[e].long()] * w.col_scale2[e].float()) @ unpack_signs(w.qdata2[e], m)
-        y = y * w.row_scale[e].float()
-        if w.mean is not None:
-            y = y + xe.sum(-1, keepdim=True) * w.mean[e].float()
-        out[rows] = y
-    return out
-
-
-@torch.library.custom_op("mobie_kernels::binary_pairs_ref", mutates_args=())
-def _binary_pairs_op(x: torch.Tensor, ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
-                     col_scale: torch.Tensor, mean: torch.Tensor | None, qdata2: torch.Tensor | None,
-                     col_scale2: torch.Tensor | None, salient_idx: torch.Tensor | None) -> torch.Tensor:
-    """Opaque wrapper of :func:`binary_pairs_ref` (its per-expert loop syncs; opaque keeps compile whole)."""
-    from types import SimpleNamespace
-
-    w = SimpleNamespace(qdata=qdata, row_scale=row_scale, col_scale=col_scale, mean=mean, qdata2=qdata2,
-                        col_scale2=col_scale2)
-    return binary_pairs_ref(x, ids, w, salient_idx)
-
-
-@_binary_pairs_op.register_fake
-def _(x, ids, qdata, row_scale, col_scale, mean, qdata2, col_scale2, salient_idx):
-    return x.new_empty((x.shape[0], row_scale.shape[1]), dtype=torch.float32)
-
-
 def _pairs(x, ids, w):
-    from .fused import salient_index_i32
-
-    return _binary_pairs_op(x.float().contiguous(), ids, w.qdata, w.row_scale, w.col_scale, w.mean, w.qdata2,
-                            w.col_scale2, salient_index_i32(w))
+    """``Q_{ids[i]} x_i`` per row: the packed tensor's one ±1 reference (``mobie::binary_factor_mm``)."""
+    return w.factor_mm(x.float().contiguous(), ids)
 
 
 def _backbone(w, z, gated=False):

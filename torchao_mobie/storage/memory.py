@@ -85,7 +85,8 @@ class MemoryReport:
 
 
 # stored tensors of a MoBiETensor -> MemoryReport component (anything else counts as a scale)
-_COMPONENT = {"qdata": "experts_sign_bytes", "qdata2": "experts_sign_bytes", "salient": "experts_sign_bytes",
+_COMPONENT = {"qdata": "experts_sign_bytes", "qdata2": "experts_sign_bytes", "qdata_x": "experts_sign_bytes",
+              "salient": "experts_sign_bytes",
               "backbone": "experts_backbone_bytes", "backbone_scale": "experts_backbone_bytes"}
 
 

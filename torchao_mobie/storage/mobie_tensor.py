@@ -2,14 +2,16 @@
 
 Representation (per projection, ``m = out``, ``n = in``)::
 
-    Q_e   = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :]  +  sign2[e] * col_scale2[e][None, :])
+    Q_e   = row_scale[e][:, None] * (sign[e] * col_scale[e][None, :]  +  Σ_p sign_x[e, p] * col_scale_x[e, p][None, :]
+                                     +  sign2[e] * col_scale2[e][None, :])
             (+ mean[e][:, None] when present)
     W[e]  = backbone @ Q_e   (side "output", backbone [m, m])
             Q_e @ backbone   (side "input",  backbone [n, n])
             Q_e              (side "none")
 
-``sign2``/``col_scale2`` is an optional second binary plane restricted to a few "salient" columns per
-expert; ``backbone`` is block diagonal (``nb`` blocks ``[k, k]``), stored bf16 / fp32, or int8 with one
+``sign_x``/``col_scale_x`` are optional further full binary planes (``P`` of them, for budgets past two
+planes); ``sign2``/``col_scale2`` is an optional binary plane restricted to a few "salient" columns per
+expert, on top of the full planes; ``backbone`` is block diagonal (``nb`` blocks ``[k, k]``), stored bf16 / fp32, or int8 with one
 fp16 scale per row. Everything is computed in fp32 with exactly the operations of
 :func:`torchao_mobie.algorithms.cejd.reconstruct`, so :meth:`MoBiETensor.dequantize` reproduces the
 fake-quant weight bit for bit (same fp32 values before the final cast).
@@ -22,8 +24,10 @@ name                  shape / dtype                    meaning
 qdata                 [E, m, ceil(n/32)] int32          signs, packed along ``in`` (the reduction dim)
 row_scale             [E, m] uint8 | fp16               per-row (output) scale: 8-bit log code (or fp16)
 col_scale             [E, n] uint8 | fp16               per-column (input) scale: 8-bit log code (or fp16)
-scale_grid (opt)      [E, 3, 2] fp16                    (lo, step) of the row / column / second-plane codes;
-                                                        present iff the scales are codes (decode_log8)
+scale_grid (opt)      [E, 3 + P, 2] fp16                (lo, step) of the row / column / salient-plane / full
+                                                        planes' codes; present iff the scales are codes
+qdata_x (opt)         [E, P, m, ceil(n/32)] int32       signs of the further full planes (packed as qdata)
+col_scale_x (opt)     [E, P, n] uint8 | fp16            their column scales
 backbone (opt)        [nb, k, k] bf16 | int8 | fp32     shared backbone blocks (k*nb = m or n)
 backbone_scale (opt)  [nb, k] fp16                      per-row scale of an int8 backbone
 qdata2 (opt)          [E, s, ceil(m/32)] int32          second-plane signs of the ``s`` salient columns,
@@ -73,18 +77,20 @@ class MoBiETensor(TorchAOBaseTensor):
     tensor_data_names = ["qdata", "row_scale", "col_scale"]
     tensor_attribute_names = ["side", "dtype"]
     optional_tensor_data_names = ["backbone", "backbone_scale", "qdata2", "col_scale2", "salient", "mean",
-                                  "scale_grid"]
+                                  "scale_grid", "qdata_x", "col_scale_x"]
     optional_tensor_attribute_names = ["transposed"]
 
     def __new__(cls, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
-                col_scale2=None, salient=None, mean=None, scale_grid=None, transposed=False):
+                col_scale2=None, salient=None, mean=None, scale_grid=None, qdata_x=None, col_scale_x=None,
+                transposed=False):
         E, m, n = row_scale.shape[0], row_scale.shape[1], col_scale.shape[1]
         shape = (E, n, m) if transposed else (E, m, n)
         return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qdata.device,
                                                    requires_grad=False)
 
     def __init__(self, qdata, row_scale, col_scale, side, dtype, backbone=None, backbone_scale=None, qdata2=None,
-                 col_scale2=None, salient=None, mean=None, scale_grid=None, transposed=False):
+                 col_scale2=None, salient=None, mean=None, scale_grid=None, qdata_x=None, col_scale_x=None,
+                 transposed=False):
         super().__init__()
         self.transposed = bool(transposed)
         self.qdata = qdata
@@ -98,12 +104,15 @@ class MoBiETensor(TorchAOBaseTensor):
         self.salient = salient
         self.mean = mean
         self.scale_grid = scale_grid
+        self.qdata_x = qdata_x
+        self.col_scale_x = col_scale_x
 
     def _quantization_type(self):
         nb = 0 if self.backbone is None else self.backbone.shape[0]
         bdt = None if self.backbone is None else _as_dtype_name(self.backbone.dtype)
         s = 0 if self.col_scale2 is None else self.col_scale2.shape[1]
-        return f"shape={list(self.shape)}, transposed={self.transposed}, side={self.side}, backbone={bdt}x{nb}, second_plane_cols={s}"
+        return (f"shape={list(self.shape)}, transposed={self.transposed}, side={self.side}, backbone={bdt}x{nb}, "
+                f"full_planes={1 + self.extra_planes}, salient_plane_cols={s}")
 
     def __repr__(self):
         return f"MoBiETensor({self._quantization_type()}, dtype={self.dtype}, stored_bytes={self.storage_bytes()})"
@@ -147,7 +156,8 @@ class MoBiETensor(TorchAOBaseTensor):
         E, m, n = sign.shape
         coded = p.get("scale_grid") is not None
         if coded:
-            scale_grid = _checked(p["scale_grid"], (E, 3, 2), torch.float16, "scale_grid")
+            P = 0 if p.get("sign_x") is None else p["sign_x"].shape[1]
+            scale_grid = _checked(p["scale_grid"], (E, 3 + P, 2), torch.float16, "scale_grid")
             row_scale = _checked(p["row_code"], (E, m), torch.uint8, "row_code")
             col_scale = _checked(p["col_code"], (E, n), torch.uint8, "col_code")
             g = scale_grid
@@ -200,9 +210,19 @@ class MoBiETensor(TorchAOBaseTensor):
                 col_scale2 = torch.where(valid, c2.to(torch.float16).gather(1, idx),
                                          torch.zeros((), dtype=torch.float16))
             salient = pack_signs(torch.where(sal, 1, -1))
+        qdata_x = col_scale_x = None
+        if p.get("sign_x") is not None:
+            sx = p["sign_x"]
+            if sx.dim() != 4 or tuple(sx.shape[:1]) + tuple(sx.shape[2:]) != (E, m, n):
+                raise ValueError(f"MoBiE parts: sign_x must be [E, P, out, in] = [{E}, P, {m}, {n}], got {list(sx.shape)}")
+            P = sx.shape[1]
+            qdata_x = pack_signs(sx)
+            col_scale_x = (_checked(p["col_code_x"], (E, P, n), torch.uint8, "col_code_x") if coded
+                           else _as_half(p["col_scale_x"], (E, P, n), "col_scale_x"))
         mean = None if p.get("mean") is None else _as_half(p["mean"], (E, m), "mean")
         return cls(qdata, row_scale, col_scale, side, dtype, backbone=backbone, backbone_scale=backbone_scale,
-                   qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean, scale_grid=scale_grid)
+                   qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean, scale_grid=scale_grid,
+                   qdata_x=qdata_x, col_scale_x=col_scale_x)
 
     # ------------------------------------------------------------------------------------------
     # reconstruction
@@ -233,6 +253,19 @@ class MoBiETensor(TorchAOBaseTensor):
         c2 = None if self.col_scale2 is None else decode_log8(self.col_scale2, g[:, 2])
         return decode_log8(self.row_scale, g[:, 0]), decode_log8(self.col_scale, g[:, 1]), c2
 
+    @property
+    def extra_planes(self) -> int:
+        """Full binary planes beyond the first (``P``)."""
+        return 0 if self.qdata_x is None else self.qdata_x.shape[1]
+
+    def extra_scales(self) -> torch.Tensor | None:
+        """fp16 ``[E, P, n]`` column scales of the further full planes (decoded from codes), or None."""
+        if self.col_scale_x is None:
+            return None
+        if self.scale_grid is None:
+            return self.col_scale_x
+        return decode_log8(self.col_scale_x, self.scale_grid[:, 3:])
+
     def salient_index(self) -> torch.Tensor | None:
         """``[E, s]`` int64 column indices of the second plane's slots (None without a second plane)."""
         if self.qdata2 is None:
@@ -261,6 +294,10 @@ class MoBiETensor(TorchAOBaseTensor):
 
         row_scale, col_scale, col_scale2 = self.scales()
         C = unpack_signs(take(self.qdata), n) * take(col_scale).float()[..., None, :]
+        if self.qdata_x is not None:  # further full planes, in order (as cejd.reconstruct)
+            qx, cx = take(self.qdata_x), take(self.extra_scales())
+            for p in range(self.extra_planes):
+                C = C + unpack_signs(qx.select(-3, p), n) * cx.select(-2, p).float()[..., None, :]
         if self.qdata2 is not None:
             idx = take(self.salient_index())
             c2 = take(col_scale2)
@@ -303,7 +340,7 @@ class MoBiETensor(TorchAOBaseTensor):
     def padding_bits(self) -> int:
         """Bits stored only because packed dimensions are rounded up to 32-bit words."""
         E, m, n = self._dims()
-        pad = E * m * (packed_length(n) * 32 - n)
+        pad = E * m * (packed_length(n) * 32 - n) * (1 + self.extra_planes)
         if self.qdata2 is not None:
             s = self.col_scale2.shape[1]
             pad += E * s * (packed_length(m) * 32 - m) + E * (packed_length(n) * 32 - n)
@@ -322,9 +359,10 @@ class MoBiETensor(TorchAOBaseTensor):
                 bb_bits += self.backbone_scale.numel() * FP16_BITS
         extra_slots = 0 if self.qdata2 is None else self.col_scale2.numel() - n_sal
         scale_bits = self.row_scale.element_size() * 8
-        param = (scale_bits * (E * (m + n) + n_sal + extra_slots) + FP16_BITS * (E * m if self.mean is not None else 0)
+        P = self.extra_planes
+        param = (scale_bits * (E * (m + n * (1 + P)) + n_sal + extra_slots) + FP16_BITS * (E * m if self.mean is not None else 0)
                  + (0 if self.scale_grid is None else FP16_BITS * self.scale_grid.numel()))
-        return BitBudget(n_weights=E * m * n, sign_bits=E * m * n + m * (n_sal + extra_slots),
+        return BitBudget(n_weights=E * m * n, sign_bits=E * m * n * (1 + P) + m * (n_sal + extra_slots),
                          bitmap_bits=E * n if self.qdata2 is not None else 0, param_bits=param,
                          backbone_bits=bb_bits)
 
@@ -349,7 +387,7 @@ class MoBiETensor(TorchAOBaseTensor):
         row_scale, col_scale, col_scale2 = self.scales()
         return torch.ops.mobie.binary_factor_mm(
             x.float(), expert_ids, self.qdata, row_scale, col_scale, self.qdata2, col_scale2,
-            self.salient, self.mean)
+            self.salient, self.mean, self.qdata_x, self.extra_scales())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,7 +398,8 @@ class MoBiETensor(TorchAOBaseTensor):
 @torch.library.custom_op("mobie::binary_factor_mm", mutates_args=())
 def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
                      col_scale: torch.Tensor, qdata2: torch.Tensor | None, col_scale2: torch.Tensor | None,
-                     salient: torch.Tensor | None, mean: torch.Tensor | None) -> torch.Tensor:
+                     salient: torch.Tensor | None, mean: torch.Tensor | None, qdata_x: torch.Tensor | None = None,
+                     col_scale_x: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: for each expert that has rows, unpack its signs once and run a ±1 matmul.
 
     ``y_i = row_scale[e] * (B_e (col_scale[e] * x_i) + B2_e (col_scale2[e] * x_i[salient_e])) + mean[e] * Σ x_i``
@@ -387,6 +426,9 @@ def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Ten
         xe = x[rows].float()
         B = unpack_signs(qdata[e], n)  # [m, n] ±1
         y = (xe * col_scale[e].float()) @ B.t()
+        if qdata_x is not None:
+            for p in range(qdata_x.shape[1]):
+                y = y + (xe * col_scale_x[e, p].float()) @ unpack_signs(qdata_x[e, p], n).t()
         if qdata2 is not None:
             B2 = unpack_signs(qdata2[e], m)  # [s, m]
             y = y + (xe[:, idx2[e]] * col_scale2[e].float()) @ B2
@@ -398,7 +440,7 @@ def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Ten
 
 
 @binary_factor_mm.register_fake
-def _(x, expert_ids, qdata, row_scale, col_scale, qdata2, col_scale2, salient, mean):
+def _(x, expert_ids, qdata, row_scale, col_scale, qdata2, col_scale2, salient, mean, qdata_x=None, col_scale_x=None):
     return x.new_empty((x.shape[0], row_scale.shape[1]), dtype=torch.float32)
 
 
@@ -444,7 +486,7 @@ def _stack_parts(parts) -> dict:
     out = {"side": first.get("side") or "none",
            "backbone": first.get("backbone", first.get("backbone_ref"))}
     for key in ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "salient", "mean", "row_code", "col_code",
-                "col_code2", "scale_grid"):
+                "col_code2", "scale_grid", "sign_x", "col_scale_x", "col_code_x"):
         vals = [pe.get(key) for pe in parts]
         if all(v is None for v in vals):
             continue

@@ -122,8 +122,9 @@ def _json(metadata, key, filename):
 
 def _expected_shapes(shape, side, names, t: dict) -> dict[str, tuple]:
     E, m, n = shape
+    P = t["qdata_x"].shape[1] if "qdata_x" in t and t["qdata_x"].dim() == 4 else 0
     exp = {"qdata": (E, m, packed_length(n)), "row_scale": (E, m), "col_scale": (E, n), "mean": (E, m),
-           "scale_grid": (E, 3, 2)}
+           "scale_grid": (E, 3 + P, 2), "qdata_x": (E, P, m, packed_length(n)), "col_scale_x": (E, P, n)}
     if "col_scale2" in t:
         s = t["col_scale2"].shape[-1]
         exp.update(qdata2=(E, s, packed_length(m)), col_scale2=(E, s), salient=(E, packed_length(n)))
@@ -137,6 +138,7 @@ def _expected_shapes(shape, side, names, t: dict) -> dict[str, tuple]:
 _SCALE = (torch.uint8, torch.float16)  # 8-bit log codes (format 2, with scale_grid) or fp16 (format 1)
 _DTYPES = {"qdata": (torch.int32,), "row_scale": _SCALE, "col_scale": _SCALE,
            "qdata2": (torch.int32,), "col_scale2": _SCALE, "salient": (torch.int32,),
+           "qdata_x": (torch.int32,), "col_scale_x": _SCALE,
            "mean": (torch.float16,), "backbone_scale": (torch.float16,), "scale_grid": (torch.float16,),
            "backbone": (torch.int8, torch.bfloat16, torch.float32, torch.float16)}
 
@@ -158,12 +160,16 @@ def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: 
         if n in exp and tuple(t.shape) != exp[n]:
             raise MoBiECheckpointError(f"{filename}: tensor {stored_key(fqn, n)} has shape {list(t.shape)}, "
                                        f"expected {list(exp[n])} for {fqn} {list(shape)}")
-    coded = [n for n in ("row_scale", "col_scale", "col_scale2") if n in data and data[n].dtype == torch.uint8]
+    scale_names = ("row_scale", "col_scale", "col_scale2", "col_scale_x")
+    coded = [n for n in scale_names if n in data and data[n].dtype == torch.uint8]
     if coded and "scale_grid" not in data:
         raise MoBiECheckpointError(f"{filename}: {fqn} stores 8-bit scale codes ({', '.join(coded)}) without their "
                                    f"scale_grid (truncated or inconsistent checkpoint)")
-    if "scale_grid" in data and len(coded) != len([n for n in ("row_scale", "col_scale", "col_scale2") if n in data]):
+    if "scale_grid" in data and len(coded) != len([n for n in scale_names if n in data]):
         raise MoBiECheckpointError(f"{filename}: {fqn} mixes 8-bit scale codes and fp16 scales")
+    if ("qdata_x" in data) != ("col_scale_x" in data):
+        raise MoBiECheckpointError(f"{filename}: {fqn} stores only one of qdata_x / col_scale_x (truncated or "
+                                   "inconsistent checkpoint)")
     kw = {k: v for k, v in data.items() if k not in ("qdata", "row_scale", "col_scale")}
     return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw)
 
