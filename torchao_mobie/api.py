@@ -205,17 +205,15 @@ def _check_not_requantizing(model: nn.Module, targets: list[tuple[str, nn.Module
 
 
 def _packs(config) -> bool:
-    """MoBiEConfig(packed=True): the routed experts end as MoBiETensor (torchao_mobie.storage.convert)."""
-    return bool(getattr(config, "packed", False)) and Scope.ROUTED_EXPERTS.value in config.scope
+    from .storage.convert import packs
+
+    return packs(config)
 
 
 def _check_packable(targets: list[tuple[str, nn.Module, tuple]], config) -> None:
-    if _packs(config):
-        from .storage.convert import check_packable
+    from .storage.convert import check_targets_packable
 
-        for fqn, module, _ in targets:
-            if is_experts_module(module):
-                check_packable(module, fqn)
+    check_targets_packable(targets, config)
 
 
 def _check_finite_weights(targets: list[tuple[str, nn.Module, tuple]]) -> None:
@@ -588,10 +586,9 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
 
 
 def _finish_packed(model: nn.Module) -> None:
-    from .storage.convert import finish_packed, is_packed
+    from .storage.convert import finish_if_packed
 
-    if is_packed(model):
-        finish_packed(model)
+    finish_if_packed(model)
 
 
 # --------------------------------------------------------------------------------------------------

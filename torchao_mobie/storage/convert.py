@@ -10,8 +10,8 @@ from torch import nn
 from ..integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "check_packable", "finish_packed", "pack_experts", "pack_model",
-           "pack_projection", "is_packed", "unpack_model"]
+__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "finish_if_packed",
+           "finish_packed", "pack_experts", "pack_model", "pack_projection", "packs", "is_packed", "unpack_model"]
 
 # experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
 # representation (``BinarizedExperts.parts``)
@@ -57,6 +57,20 @@ def check_packable(module: nn.Module, name: str = "") -> None:
                                   "MoBiEConfig(packed=False) for fake-quant weights")
 
 
+def packs(config) -> bool:
+    """A quantization run with ``config`` leaves MoBiETensor experts: ``MoBiEConfig(packed=True)`` (the default)
+    with the routed experts in scope; the baselines have no packed format."""
+    return bool(getattr(config, "packed", False)) and "routed_experts" in getattr(config, "scope", ())
+
+
+def check_targets_packable(targets, config) -> None:
+    """:func:`check_packable` on every experts module of ``[(fqn, module, params)]`` when ``config`` packs."""
+    if packs(config):
+        for fqn, module, _ in targets:
+            if is_experts_module(module):
+                check_packable(module, fqn)
+
+
 def pack_projection(module: nn.Module, projection: str, name: str = "", *, check: bool = True) -> bool:
     """Pack ``module.<projection>`` from the representation the quantization run left on the module (and
     drop it there); False when there is none or the projection is already packed."""
@@ -66,6 +80,12 @@ def pack_projection(module: nn.Module, projection: str, name: str = "", *, check
     pack_experts(module, projection, parts, check=check, name=name)
     getattr(module, PARTS_ATTR).pop(projection, None)
     return True
+
+
+def finish_if_packed(model: nn.Module) -> None:
+    """:func:`finish_packed` when some experts weight of ``model`` is packed (after ``quantize_``)."""
+    if is_packed(model):
+        finish_packed(model)
 
 
 def finish_packed(model: nn.Module, *, experts_implementation: str | None = "mobie",
