@@ -150,7 +150,8 @@ def test_quantize_then_pack_end_to_end(micro):
     from torchao_mobie.config import MoBiEConfig
 
     model = copy.deepcopy(micro[0])
-    quantize_(model, MoBiEConfig(glas=False, nges=False, rounds=1, refine=0))
+    quantize_(model, MoBiEConfig(glas=False, nges=False, rounds=1, refine=0, packed=False))  # fake-quant
+    assert not S.is_packed(model)
     ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     ref = _logits(model, ids, "eager")
     S.pack_model(model)  # checks dequantize() == fake-quant weight bit for bit

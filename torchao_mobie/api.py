@@ -204,6 +204,18 @@ def _check_not_requantizing(model: nn.Module, targets: list[tuple[str, nn.Module
                 "full-precision checkpoint")
 
 
+def _packs(config) -> bool:
+    from .storage.convert import packs
+
+    return packs(config)
+
+
+def _check_packable(targets: list[tuple[str, nn.Module, tuple]], config) -> None:
+    from .storage.convert import check_targets_packable
+
+    check_targets_packable(targets, config)
+
+
 def _check_finite_weights(targets: list[tuple[str, nn.Module, tuple]]) -> None:
     """Non-finite weights would silently turn into non-finite scales: name the parameter instead."""
     for fqn, module, params in targets:
@@ -429,6 +441,7 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
     _check_same_config(module, params, config)
     if config.step == "convert":
         _check_finite_weights([(name, module, params)])
+        _check_packable([(name, module, params)], config)
 
     observer = getattr(module, _OBSERVER, None)
     if config.step == "observe":
@@ -472,6 +485,10 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
             _warn_data_free(config, f"{name}.{p}")
             _apply_experts(info, p, None, config, f"{name}.{p}")
         _forget_observed(module, (p,))
+        if _packs(config):  # no sequential propagation in this flow: pack as torchao configs do, right away
+            from .storage.convert import pack_projection
+
+            pack_projection(module, p, name)
     return module
 
 
@@ -541,6 +558,7 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
         except ValueError:
             pass
         ao_quantize_(model, config, filter_fn=None, device=device)
+        _finish_packed(model)
         return
     if not isinstance(config, BinarizationConfig):
         raise TypeError(f"torchao_mobie.quantize_ expects a BinarizationConfig or FqnToConfig, got {type(config).__name__}")
@@ -560,9 +578,17 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
     _check_not_requantizing(model, targets, config)
     if config.step == "convert":
         _check_finite_weights(targets)
+        _check_packable(targets, config)
     ao_quantize_(model, config, filter_fn=filter_fn, device=device)
     if config.step == "convert" and targets:
         _mark_quantized(model, config)
+        _finish_packed(model)
+
+
+def _finish_packed(model: nn.Module) -> None:
+    from .storage.convert import finish_if_packed
+
+    finish_if_packed(model)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -879,6 +905,7 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             raise RuntimeError(f"{_name(m)} has observers from step='observe'; finish that flow with step='convert' "
                                "instead of calling quantize_model")
     _check_finite_weights(targets)
+    _check_packable(targets, config)
 
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     device = emb.weight.device if emb is not None else next(model.parameters()).device
@@ -926,6 +953,10 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     finally:
         model.train(was_training)
     _mark_quantized(model, config)
+    if _packs(config) and experts:  # last: every layer ran on the fake-quant weights, as with packed=False
+        from .storage.convert import pack_model
+
+        pack_model(model)
     report.wall_time_s = time.perf_counter() - t0
     logger.info("%s", report.summary())
     return report

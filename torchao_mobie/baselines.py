@@ -1,6 +1,7 @@
 """Baseline binarization configs: the published 1-bit PTQ methods MoBiE is compared with.
 
-All are fake-quant (dequantized weights written back in the original dtype; no memory saved); the
+All are fake-quant, always (dequantized weights written back in the original dtype; no memory saved; they
+have no packed format and no ``packed`` switch, unlike :class:`~torchao_mobie.mobie.MoBiEConfig`); the
 storage a packed format would need is reported in both bit conventions. Each is a torchao
 ``AOBaseConfig`` registered with ``quantize_`` through :class:`~torchao_mobie.config.BinarizationConfig`.
 """
@@ -59,6 +60,8 @@ class BiLLMConfig(BinarizationConfig):
 class ARBLLMConfig(BinarizationConfig):
     """ARB-LLM (Li et al., ICLR 2025): alternating refined binarization on BiLLM's partition.
 
+    Fake-quant (dequantized weights stored in the original dtype; no memory saved).
+
     variant: "arb" (alternating μ/α/B updates), "x" (ARB-X: calibration-aware refinement with the
     Hessian; the default, ARB-LLM_X with ``cgb=True``), "rc" (ARB-RC: row-and-column scales, no mean).
     cgb: column-group bitmap (salient columns split in two order-2 groups; no extra bits counted).
@@ -89,6 +92,8 @@ class ARBLLMConfig(BinarizationConfig):
 @dataclass
 class HBLLMConfig(BinarizationConfig):
     """HBLLM (Chen, Ye, Jiang, NeurIPS 2025): BiLLM's pipeline on Haar wavelet bands.
+
+    Fake-quant (dequantized weights stored in the original dtype; no memory saved).
 
     Salient columns by the l2 norm of the Hessian saliency (structural search), salient columns
     filled from their neighbours, a row-wise Haar transform whose low and high bands are each

@@ -9,6 +9,7 @@ into a temporary directory beside ``--out`` and swaps it in only once the checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -347,7 +348,8 @@ def cmd_quantize(args):
     from .mobie import MoBiEConfig
     from .data import CORPORA, calibration_samples, tokenize_corpus
     from .integrations.transformers import discover_moe_layout
-    from .storage import memory_report, pack_model
+    from .storage import memory_report
+    from .storage.convert import check_packable
 
     t_start = time.perf_counter()
     cfg = make_config(args.method)
@@ -377,10 +379,22 @@ def cmd_quantize(args):
     except Exception as e:
         raise CLIError(f"--model {args.model}: not a causal LM transformers can build ({type(e).__name__}: {e})") from e
     try:
-        discover_moe_layout(skeleton)
+        layout = discover_moe_layout(skeleton)
     except ValueError as e:
         raise CLIError(f"--model {args.model}: {e}") from e
-    del skeleton
+    # MoBiEConfig packs by default (packed=True); --no-pack, or a layout MoBiETensor cannot hold, keeps fake-quant
+    packed = isinstance(cfg, MoBiEConfig) and not args.no_pack
+    why_fake = "--no-pack" if isinstance(cfg, MoBiEConfig) else f"{type(cfg).__name__} has no packed format"
+    if packed:
+        try:
+            for e in layout.experts():
+                check_packable(e.module, e.fqn)
+        except NotImplementedError as e:  # e.g. transposed experts: keep the work, save fake-quant
+            logging.getLogger("torchao_mobie").warning("cannot pack this model (%s); saving it fake-quant", e)
+            packed, why_fake = False, f"packing not supported: {e}"
+    if isinstance(cfg, MoBiEConfig):
+        cfg = dataclasses.replace(cfg, packed=packed)
+    del skeleton, layout
 
     t = time.perf_counter()
     texts = [_text(p, "train", args.data_dir, "--calib") for p in calib_parts]  # fails before the load
@@ -409,16 +423,6 @@ def cmd_quantize(args):
     print(report.summary(), flush=True)
 
     save_dtype = _save_dtype(args.save_dtype, hf_cfg)
-    packed = isinstance(cfg, MoBiEConfig) and not args.no_pack
-    why_fake = "--no-pack" if isinstance(cfg, MoBiEConfig) else f"{type(cfg).__name__} has no packed format"
-    t = time.perf_counter()
-    if packed:
-        try:
-            pack_model(model)
-        except (NotImplementedError, ValueError) as e:  # e.g. transposed experts: keep the work, save fake-quant
-            logging.getLogger("torchao_mobie").warning("cannot pack this model (%s); saving it fake-quant", e)
-            packed, why_fake = False, f"packing failed: {e}"
-    timing["pack_s"] = time.perf_counter() - t
     mem = memory_report(model)
 
     t = time.perf_counter()

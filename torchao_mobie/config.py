@@ -137,9 +137,10 @@ def _binarization_handler(module: torch.nn.Module, config: "BinarizationConfig",
 class BinarizationConfig(AOBaseConfig):
     """Common fields of every binarization method (abstract: use a subclass).
 
-    These baselines are **fake-quant**: the dequantized binary weights are written back into the
-    original parameters in their original dtype, so nothing is saved in memory; the storage a packed
-    format would need is reported as a :class:`~torchao_mobie.algorithms.BitBudget`.
+    The baselines (:mod:`torchao_mobie.baselines`) are **fake-quant**: the dequantized binary weights are
+    written back into the original parameters in their original dtype, so nothing is saved in memory; the
+    storage a packed format would need is reported as a :class:`~torchao_mobie.algorithms.BitBudget`.
+    :class:`~torchao_mobie.mobie.MoBiEConfig` packs its routed experts (``packed=True``, the default).
 
     Args:
         scope: what to binarize, a list of :class:`Scope` values. Default: routed experts only.

@@ -48,6 +48,14 @@ class MoBiEConfig(BinarizationConfig):
       pushes the error into the routers' null space at no storage cost.
 
     Args (besides :class:`BinarizationConfig`'s):
+        packed: True (default) = the quantized routed experts end as packed 1-bit :class:`~torchao_mobie.storage.MoBiETensor`
+            parameters (:mod:`torchao_mobie.storage`) with the ``"mobie"`` experts implementation, and
+            ``save_pretrained`` writes the packed format, as a torchao config leaves its tensor subclass:
+            ``quantize_model`` packs once every layer is done (the sequential pass runs on the fake-quant
+            weights), ``quantize_`` each experts module once it is binarized. False = fake-quant (research): the
+            dequantized weights in the original parameters and dtype, bit for bit the packed tensor's
+            ``dequantize()``; :func:`~torchao_mobie.storage.pack_model` packs them later. Linears binarized by
+            a wider ``scope`` (attention, shared experts, dense MLPs) stay fake-quant either way.
         backbone_dtype: stored width of the shared backbone: "int8" (one fp16 scale per row),
             "bfloat16", "float32", or "auto" (default) = int8: its rounding error (~0.3% of the backbone)
             is far below the binary factor's, and the bits it saves buy salient second planes (mixtral-8e,
@@ -137,6 +145,7 @@ class MoBiEConfig(BinarizationConfig):
     ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
     """
 
+    packed: bool = True
     cejd: bool = True
     glas: bool = True
     nges: bool = True
@@ -166,7 +175,7 @@ class MoBiEConfig(BinarizationConfig):
     def __post_init__(self):
         super().__post_init__()
         n = "MoBiEConfig"
-        for f in ("cejd", "glas", "nges", "route_weighted", "select", "select_refit"):
+        for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
         if self.side not in ("auto", "input", "output"):

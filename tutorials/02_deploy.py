@@ -1,4 +1,4 @@
-"""Deploying: pack to real 1-bit storage, save, load, torch.compile, generate.
+"""Deploying: quantize to real 1-bit storage, save, load, torch.compile, generate.
 
     python tutorials/02_deploy.py [zoo-model-name]
 """
@@ -11,15 +11,15 @@ from transformers import AutoModelForCausalLM
 
 from torchao_mobie import MoBiEConfig, quantize_model
 from torchao_mobie.data import calibration_samples, load_text, tokenize_corpus
-from torchao_mobie.storage import memory_report, pack_model
+from torchao_mobie.storage import memory_report
 from torchao_mobie.zoo import load_zoo_model
 
 name = sys.argv[1] if len(sys.argv) > 1 else "micro-qwen3moe"
 torch.manual_seed(0)
 model, tok = load_zoo_model(name)
 calib = calibration_samples(tokenize_corpus(load_text("wikitext2", "train")[:2_000_000], tok), 16, 128, seed=0)
-quantize_model(model, MoBiEConfig(), calib, progress=False)  # fake-quant weights + explicit representation
-pack_model(model)  # experts become MoBiETensor: packed sign bits, fused scales, shared backbone
+# experts become MoBiETensor (packed sign bits, fused scales, shared backbone); packed=False: fake-quant
+quantize_model(model, MoBiEConfig(), calib, progress=False)
 mem = memory_report(model)
 print(f"experts: {mem.experts_ratio:.1%} of bf16, whole model {mem.model_ratio:.1%} of bf16")
 

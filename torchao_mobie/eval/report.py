@@ -20,7 +20,13 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
     Row fields: bits in both conventions, and per evaluation corpus ``<corpus>_ppl_fp``,
     ``<corpus>_ppl_q``, ``<corpus>_gap`` (ln PPL_q - ln PPL_fp), ``<corpus>_topk_kept``, ``<corpus>_kl``;
     quantization wall time.
+
+    MoBiE is measured on its fake-quant weights (``packed=False``): bit for bit the packed tensors'
+    ``dequantize()``, evaluated with the model's experts implementation as the full-precision model is (the
+    packed ``"mobie"`` forward sums in another order: ~1e-6 relative), so the committed rows reproduce.
     """
+    from dataclasses import replace
+
     import torch
 
     from ..api import quantize_model
@@ -37,6 +43,8 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
         q = copy.deepcopy(fp)
         torch.manual_seed(seed)
         t = time.perf_counter()
+        if getattr(config, "packed", False):
+            config = replace(config, packed=False)
         report = quantize_model(q, config, calib_ids, progress=progress)
         row = {"model": model_name, "method": label, "seed": seed, "calib": calib,
                "calib_tokens": nsamples * seqlen,

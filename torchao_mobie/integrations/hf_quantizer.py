@@ -33,10 +33,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..storage.serialization import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
+    CONVERTED_CHECKSUMS,
     MoBiECheckpointError,
     build_tensor,
     check_metadata,
+    checksums,
     flatten_state_dict,
+    stored_key,
     verify_file,
 )
 
@@ -100,7 +103,18 @@ class MoBiEDeserialize:
 
     @property
     def reverse_op(self):
-        raise NotImplementedError
+        # transformers reverses every load operation of a model loaded with from_pretrained when it saves it
+        # again; the packed parameters reach it already flattened (get_state_dict_and_metadata), so the
+        # reversed converter (source pattern "<param>") never matches a stored "_<param>_<data>" key
+        return MoBiESerialized()
+
+
+class MoBiESerialized:
+    """Reverse of :class:`MoBiEDeserialize` (save): a packed parameter that reaches it was not flattened."""
+
+    def convert(self, input_dict, full_layer_name=None, **kwargs):
+        raise MoBiECheckpointError(f"{full_layer_name}: a packed parameter reached transformers' save conversion "
+                                   "unflattened; save packed models with save_pretrained or save_quantized")
 
 
 class MoBiEHfQuantizer(HfQuantizer):
@@ -137,11 +151,13 @@ class MoBiEHfQuantizer(HfQuantizer):
             if verify:
                 # HF turns errors inside load operations into a generic RuntimeError (details only in
                 # its log report): verify here, where our error reaches the caller as is
-                present |= verify_file(path, require_all=False)
+                keys, sums = verify_file(path, require_all=False)
+                present |= keys
+                self.checksums.update(sums)
+            # the model's names: the load operations see the keys after transformers' renaming
             described = json.loads(meta.get("mobie_tensors", "{}"))
             self.described.update(described)
             self.filename_of.update({k: str(path) for k in described})
-            self.checksums.update(json.loads(meta.get("mobie_checksums", "{}")))
         missing = sorted(set(self.checksums) - present) if verify else []
         if missing:
             raise MoBiECheckpointError(f"{', '.join(files)}: tensor {missing[0]} is missing (truncated or incomplete "
@@ -167,14 +183,22 @@ class MoBiEHfQuantizer(HfQuantizer):
     def serialized_names(self):
         if not self.pre_quantized:
             return {}
-        params = sorted({k.rsplit(".", 1)[-1] for k in self.described})
-        return {p: [f"_{p}_{n}" for n in _DATA_NAMES] for p in params}
+        # one converter per packed parameter, by its full name: transformers matches these patterns anywhere in a
+        # key, and on save reverses them, where a bare "down_proj" would also catch e.g. a plain
+        # shared_expert.down_proj.weight (the converters see the keys after the model's renamings)
+        return {fqn: [stored_key(fqn, n) for n in _DATA_NAMES] for fqn in sorted(self.described)}
 
     def get_load_operations(self):
         return {"deserialize": MoBiEDeserialize}
 
     def get_state_dict_and_metadata(self, model):
-        return flatten_state_dict(model.state_dict())
+        tensors, meta = flatten_state_dict(model.state_dict())
+        # transformers then reverts its checkpoint conversion mapping (renamings, per-expert splits) on these
+        # tensors before writing them: checksum what it will write too, under the names it will write
+        written = checksums(_as_transformers_writes(model, tensors))
+        if written != json.loads(meta["mobie_checksums"]):
+            meta[CONVERTED_CHECKSUMS] = json.dumps(written, sort_keys=True)
+        return tensors, meta
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
@@ -186,6 +210,13 @@ class MoBiEHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _as_transformers_writes(model, tensors: dict) -> dict:
+    """``tensors`` as ``save_pretrained`` writes them (its default ``save_original_format=True``)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
 
 
 def attach_quantizer(model) -> None:

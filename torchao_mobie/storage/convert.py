@@ -10,7 +10,8 @@ from torch import nn
 from ..integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "pack_experts", "pack_model", "is_packed", "unpack_model"]
+__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "finish_if_packed",
+           "finish_packed", "pack_experts", "pack_model", "pack_projection", "packs", "is_packed", "unpack_model"]
 
 # experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
 # representation (``BinarizedExperts.parts``)
@@ -47,6 +48,64 @@ def _find_parts(module: nn.Module, projection: str):
     return (getattr(module, PARTS_ATTR, {}) or {}).get(projection)
 
 
+def check_packable(module: nn.Module, name: str = "") -> None:
+    """Raise (naming the module) for an experts layout :class:`MoBiETensor` cannot hold; called before a
+    packing quantization run changes any weight."""
+    if getattr(module, "is_transposed", False):
+        raise NotImplementedError(f"{name or type(module).__name__}: packing transposed experts weights "
+                                  "(is_transposed=True, e.g. GPT-OSS) is not supported; quantize with "
+                                  "MoBiEConfig(packed=False) for fake-quant weights")
+
+
+def packs(config) -> bool:
+    """A quantization run with ``config`` leaves MoBiETensor experts: ``MoBiEConfig(packed=True)`` (the default)
+    with the routed experts in scope; the baselines have no packed format."""
+    return bool(getattr(config, "packed", False)) and "routed_experts" in getattr(config, "scope", ())
+
+
+def check_targets_packable(targets, config) -> None:
+    """:func:`check_packable` on every experts module of ``[(fqn, module, params)]`` when ``config`` packs."""
+    if packs(config):
+        for fqn, module, _ in targets:
+            if is_experts_module(module):
+                check_packable(module, fqn)
+
+
+def pack_projection(module: nn.Module, projection: str, name: str = "", *, check: bool = True) -> bool:
+    """Pack ``module.<projection>`` from the representation the quantization run left on the module (and
+    drop it there); False when there is none or the projection is already packed."""
+    parts = _find_parts(module, projection)
+    if parts is None or isinstance(getattr(module, projection), MoBiETensor):
+        return False
+    pack_experts(module, projection, parts, check=check, name=name)
+    getattr(module, PARTS_ATTR).pop(projection, None)
+    return True
+
+
+def finish_if_packed(model: nn.Module) -> None:
+    """:func:`finish_packed` when some experts weight of ``model`` is packed (after ``quantize_``)."""
+    if is_packed(model):
+        finish_packed(model)
+
+
+def finish_packed(model: nn.Module, *, experts_implementation: str | None = "mobie",
+                  attach_hf_quantizer: bool = True) -> None:
+    """What a model with packed experts needs around them: the experts implementation, ``storage="packed"``
+    in the quantization marker and the ``"mobie"`` HF quantizer (``save_pretrained`` writes the packed format)."""
+    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(experts_implementation)
+    from ..api import MARKER, quantization_marker
+
+    entries = quantization_marker(model)
+    if entries and hasattr(model, "config"):
+        setattr(model.config, MARKER, [dict(e, storage="packed") if "routed_experts" in e.get("scope", ()) else e
+                                       for e in entries])
+    if attach_hf_quantizer and hasattr(model, "config"):
+        from ..integrations.hf_quantizer import attach_quantizer
+
+        attach_quantizer(model)
+
+
 @torch.no_grad()
 def pack_experts(module: nn.Module, projection: str, parts, *, check: bool = True, name: str = "") -> MoBiETensor:
     """Replace ``module.<projection>`` by the packed weight built from ``parts``.
@@ -54,9 +113,7 @@ def pack_experts(module: nn.Module, projection: str, parts, *, check: bool = Tru
     check: the packed weight's :meth:`~MoBiETensor.dequantize` must equal the module's current
     (fake-quant) weight bit for bit; a mismatch raises (parts and weight are from different runs).
     """
-    if getattr(module, "is_transposed", False):
-        raise NotImplementedError(f"{name or type(module).__name__}: packing transposed experts weights "
-                                  "(is_transposed=True, e.g. GPT-OSS) is not supported")
+    check_packable(module, name)
     old = getattr(module, projection)
     if isinstance(old, MoBiETensor):
         raise RuntimeError(f"{name}.{projection} is already packed")
@@ -82,7 +139,9 @@ def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
     parts: optional ``{"<experts fqn>.<projection>": parts}``; otherwise the representation left on the
         experts modules by the quantization run (``module._mobie_parts[projection]`` or the record's
         ``parts``). Projections without an explicit representation (fake-quant baselines such as BiLLM,
-        ARB-LLM, sign) stay as they are; if nothing can be packed a ValueError says so.
+        ARB-LLM, sign) stay as they are; if nothing can be packed (and nothing is packed already) a ValueError
+        says so. Projections already packed (``MoBiEConfig()`` packs when it quantizes) are skipped, so calling
+        it on a packed model only sets what :func:`finish_packed` sets.
     experts_implementation: switch the model to this experts implementation (None = keep).
     attach_hf_quantizer: attach the ``"mobie"`` HF quantizer/config so ``save_pretrained`` writes the
         packed format.
@@ -95,33 +154,22 @@ def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
         for proj in PROJECTIONS:
             key = f"{fqn}.{proj}" if fqn else proj
             p = parts.pop(key, None)
-            if p is None:
-                p = _find_parts(module, proj)
-            if p is None or isinstance(getattr(module, proj), MoBiETensor):
+            if isinstance(getattr(module, proj), MoBiETensor):
                 continue
-            pack_experts(module, proj, p, check=check, name=fqn)
-            if hasattr(module, PARTS_ATTR):
-                getattr(module, PARTS_ATTR).pop(proj, None)
+            if p is not None:
+                pack_experts(module, proj, p, check=check, name=fqn)
+                getattr(module, PARTS_ATTR, {}).pop(proj, None)
+            elif not pack_projection(module, proj, fqn, check=check):
+                continue
             packed.append(key)
     if parts:
         raise KeyError(f"pack_model: no experts parameter named {sorted(parts)}")
-    if not packed:
+    if not packed and not is_packed(model):
         raise ValueError("pack_model: no experts weight has an explicit binary representation to pack (looked for "
                          f"module.{PARTS_ATTR}[projection]). Only MoBiEConfig produces one "
                          "(BinarizedExperts.parts); the BiLLM / ARB-LLM / sign baselines are fake-quant only. "
                          "Pass parts={'<experts fqn>.<projection>': parts} to pack a representation built elsewhere")
-    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(experts_implementation)
-    from ..api import MARKER, quantization_marker
-
-    entries = quantization_marker(model)
-    if entries and hasattr(model, "config"):
-        setattr(model.config, MARKER, [dict(e, storage="packed") if "routed_experts" in e.get("scope", ()) else e
-                                       for e in entries])
-    if attach_hf_quantizer and hasattr(model, "config"):
-        from ..integrations.hf_quantizer import attach_quantizer
-
-        attach_quantizer(model)
+    finish_packed(model, experts_implementation=experts_implementation, attach_hf_quantizer=attach_hf_quantizer)
     return model
 
 

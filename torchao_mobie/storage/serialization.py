@@ -8,6 +8,12 @@ string metadata:
 * ``mobie_tensors``: JSON ``{param fqn: {"shape": [E, m, n], "dtype": "bfloat16", "side": "output",
   "data": [data names]}}``;
 * ``mobie_checksums``: JSON ``{stored key: crc32 of its bytes}`` for every tensor of the file;
+* ``mobie_checksums_converted`` (``save_pretrained`` only, when transformers changes anything): the same for
+  the tensors as transformers writes them. transformers 5 reverts its checkpoint conversion mapping on save
+  (e.g. Mixtral's ``mlp.experts`` -> ``block_sparse_moe.experts``, GraniteMoE's router, the
+  ``e_score_correction_bias`` buffers), after the quantizer gave it the state dict and the metadata, and
+  applies the mapping again on load after the quantizer checked the files: the checksums are checked
+  against the set whose keys the file holds (:func:`file_checksums`);
 * ``mobie_aliases``: JSON ``{key: kept key}`` for tied tensors stored once.
 
 Loading checks the format name and version, every tensor's presence, checksum, dtype and shape
@@ -91,7 +97,7 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
         tensors[fqn] = t.contiguous()
     meta = {"format": "pt", "mobie_format": FORMAT_NAME, "mobie_format_version": str(FORMAT_VERSION),
             "mobie_tensors": json.dumps(described, sort_keys=True),
-            "mobie_checksums": json.dumps({k: _crc(v) for k, v in tensors.items()}, sort_keys=True),
+            "mobie_checksums": json.dumps(checksums(tensors), sort_keys=True),
             "mobie_aliases": json.dumps(aliases, sort_keys=True)}
     return tensors, meta
 
@@ -174,19 +180,44 @@ def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: 
     return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw)
 
 
-def verify_checksums(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], filename: str,
-                     require_all: bool = True) -> None:
-    """crc32 of every tensor listed in the metadata; ``require_all``: every listed tensor must be present
-    (False for one shard of a sharded checkpoint, whose metadata lists the tensors of every shard)."""
+CONVERTED_CHECKSUMS = "mobie_checksums_converted"
+
+
+def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """``{key: crc32 of the tensor's bytes}``, as stored in ``mobie_checksums``."""
+    return {k: _crc(v) for k, v in tensors.items()}
+
+
+def file_checksums(metadata: Mapping[str, str], keys, filename: str) -> dict[str, int]:
+    """The checksums of the file's naming: ``mobie_checksums`` (the model's names) or, when the file holds
+    the names transformers converted on save, ``mobie_checksums_converted``."""
     sums = _json(metadata, "mobie_checksums", filename)
+    if CONVERTED_CHECKSUMS in (metadata or {}):
+        converted = _json(metadata, CONVERTED_CHECKSUMS, filename)
+        keys = set(keys)
+        if len(keys & set(converted)) > len(keys & set(sums)):
+            return converted
+    return sums
+
+
+def verify_checksums(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], filename: str,
+                     require_all: bool = True) -> dict[str, int]:
+    """crc32 of every tensor listed in the metadata; ``require_all``: every listed tensor must be present
+    (False for one shard of a sharded checkpoint, whose metadata lists the tensors of every shard).
+    A tensor the metadata does not list is an error too. Returns the checksums used (:func:`file_checksums`)."""
+    sums = file_checksums(metadata, tensors.keys(), filename)
     for k, t in tensors.items():
-        if k in sums and _crc(t) != sums[k]:
+        if k not in sums:
+            raise MoBiECheckpointError(f"{filename}: tensor {k} has no checksum in the file's metadata (not written "
+                                       "by this torchao_mobie, or edited afterwards)")
+        if _crc(t) != sums[k]:
             raise MoBiECheckpointError(f"{filename}: tensor {k} is corrupted (checksum mismatch)")
     if require_all:
         missing = sorted(set(sums) - set(tensors))
         if missing:
             raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} is missing (truncated or incomplete "
                                        "checkpoint)")
+    return sums
 
 
 def unflatten_state_dict(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
@@ -230,11 +261,12 @@ def _read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def verify_file(path: str, require_all: bool = True) -> set[str]:
-    """Format and checksum of every tensor of a packed safetensors file; returns the keys it holds."""
+def verify_file(path: str, require_all: bool = True) -> tuple[set[str], dict[str, int]]:
+    """Format and checksum of every tensor of a packed safetensors file; returns the keys it holds and the
+    checksums it was checked against."""
     tensors, meta = _read_tensors(path)
-    verify_checksums(tensors, meta, path, require_all=require_all)
-    return set(tensors)
+    sums = verify_checksums(tensors, meta, path, require_all=require_all)
+    return set(tensors), sums
 
 
 def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
