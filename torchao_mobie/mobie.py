@@ -278,7 +278,7 @@ class MoBiEConfig(BinarizationConfig):
 
     def quantize_experts(self, W3d, H3d, *, context: QuantContext | None = None) -> BinarizedExperts:
         from .algorithms import cejd as C
-        from .algorithms.planner import MARGIN, select_plan
+        from .algorithms.planner import DOWN_SLACK, MARGIN, select_plan
 
         W = W3d.float()
         H = self._hessians(H3d, context)
@@ -299,7 +299,7 @@ class MoBiEConfig(BinarizationConfig):
             g_bits = None if context is None else context.sibling_bits
             if g_bits is None:  # gate_up not binarized here: what it would take at most
                 g_bits = max(p.bits for p in self._plans(E, 2 * n, m, self._gate_up_bits(E, m, n, cap) + MARGIN))
-            plans = self._plans(E, m, n, 3 * cap - 2 * g_bits - 0.01)
+            plans = self._plans(E, m, n, 3 * cap - 2 * g_bits - DOWN_SLACK)
         else:
             plans = self._plans(E, m, n, cap)
         full = dict(rounds=self.rounds, refine=self.refine, polish=self.polish)
