@@ -40,18 +40,21 @@ def test_parts_reconstruct_documented_formula(shape, dtype):
     W, H, _ = _problem(*shape)
     cfg = MoBiEConfig(backbone_dtype=dtype, glas=False, nges=False, side=C.choose_side(*shape[1:]))
     res = cfg.quantize_experts(W, H, context=QuantContext(projection="down_proj"))
-    for e, p in enumerate(res.parts):
-        assert p["sign"].dtype == torch.int8 and set(p["sign"].unique().tolist()) <= {-1, 1}
-        Q = p["row_scale"].float()[:, None] * p["sign"].float() * p["col_scale"].float()[None, :]
-        if p["sign2"] is not None:
-            Q = Q + p["row_scale"].float()[:, None] * p["sign2"].float() * p["col_scale2"].float()[None, :]
-        bb = p["backbone"]
-        assert bb["dtype"] == dtype
-        blocks = bb["blocks"].float() * (bb["scale"].float()[:, :, None] if dtype == "int8" else 1)
+    f = res.factors
+    for e in range(W.shape[0]):
+        p = f.experts(e)
+        assert p.sign.dtype == torch.int8 and set(p.sign.unique().tolist()) <= {-1, 1}
+        Q = p.row_scale[0].float()[:, None] * p.sign[0].float() * p.col_scale[0].float()[None, :]
+        if p.sign2 is not None:
+            Q = Q + p.row_scale[0].float()[:, None] * p.sign2[0].float() * p.col_scale2[0].float()[None, :]
+        bb = p.backbone
+        assert bb.dtype == dtype
+        blocks = bb.blocks.float() * (bb.scale.float()[:, :, None] if dtype == "int8" else 1)
         M = torch.block_diag(*blocks.unbind(0))
-        expect = M @ Q if p["side"] == "output" else Q @ M
+        expect = M @ Q if p.side == "output" else Q @ M
         torch.testing.assert_close(res.weight[e], expect, atol=1e-6, rtol=1e-6)
-    assert res.parts[0]["backbone"] is res.parts[1]["backbone"]  # shared, stored once
+        assert p.backbone is f.backbone  # shared by every expert, stored once
+    assert f.bit_budget().backbone_bits == f.backbone.bits()  # counted once
 
 
 def test_transformed_hessian_matches_layer_output_error():
@@ -244,7 +247,7 @@ def test_alternation_never_worsens_an_expert_with_almost_no_tokens():
     steps = [v for k, v in res.history if k != "stored"]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(steps, steps[1:])), res.history  # CG: float noise
     assert torch.isfinite(res.weight).all()
-    assert torch.isfinite(res.parts["row_scale"]).all() and torch.isfinite(res.parts["col_scale"]).all()
+    assert torch.isfinite(res.factors.row_scale).all() and torch.isfinite(res.factors.col_scale).all()
 
 
 def test_rank_damp_ridges_exactly_the_experts_with_singular_hessians():

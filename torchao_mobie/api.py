@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .algorithms.factors import CEJDFactors
 from .algorithms.result import BitBudget
 from .calibration import (
     ExpertHessians,
@@ -358,13 +359,12 @@ def _apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | No
                          f"expected {list(w.shape)}")
     _finite_or_raise(res.weight, name)
     info.set_weight(projection, res.weight)
-    if res.parts and isinstance(res.parts[0], dict) and res.parts[0].get("sign") is not None:
-        # explicit binary representation (MoBiE) kept for packed storage (torchao_mobie.storage)
-        store = getattr(info.module, "_mobie_parts", None)
+    if isinstance(res.factors, CEJDFactors):  # the stored form (MoBiE), kept for packing (torchao_mobie.storage)
+        store = getattr(info.module, "_mobie_factors", None)
         if store is None:
             store = {}
-            setattr(info.module, "_mobie_parts", store)
-        store[projection] = res.parts
+            setattr(info.module, "_mobie_factors", store)
+        store[projection] = res.factors
     rec = BinarizationRecord(config=type(config).__name__, bits=res.bits, data_free=hess is None,
                              fallback_experts=[] if hess is None else hess.fallback_experts)
     _records(info.module)[projection] = rec

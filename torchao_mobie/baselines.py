@@ -137,4 +137,4 @@ class HBLLMConfig(BinarizationConfig):
         self._check_expert_shapes(W3d, H3d)
         name = context.name if context is not None and context.name else "experts"
         res = _algorithms().hbllm_quantize(W3d.float(), H3d.float(), name=name, **self._kwargs())
-        return BinarizedExperts(res.weight, res.bits, [{} for _ in range(W3d.shape[0])])
+        return BinarizedExperts(res.weight, res.bits)

@@ -28,6 +28,7 @@ import torch
 from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
+from .algorithms.factors import CEJDFactors
 from .algorithms.result import BinarizedWeight, BitBudget
 from .calibration.fallback import DEFAULT_MIN_EXPERT_TOKENS
 from .calibration.router import RouterInputStats
@@ -77,12 +78,14 @@ _STEPS = ("observe", "convert")
 class BinarizedExperts(NamedTuple):
     """Result of :meth:`BinarizationConfig.quantize_experts`.
 
-    weight: ``[E, out, in]`` fp32 dequantized weights; bits: summed over experts; parts: per expert.
+    weight: ``[E, out, in]`` fp32 dequantized weights; bits: summed over experts; factors: the stored
+    form of the projection (:class:`~torchao_mobie.algorithms.factors.CEJDFactors`) when the method has a
+    packed format, else None.
     """
 
     weight: torch.Tensor
     bits: BitBudget
-    parts: list
+    factors: CEJDFactors | None = None
 
 
 @dataclass
@@ -202,16 +205,18 @@ class BinarizationConfig(AOBaseConfig):
         """Binarize all experts of one projection: ``W3d [E, out, in]``, ``H3d [E, in, in]`` (fp32).
 
         The base implementation binarizes each expert independently with :meth:`binarize_matrix`
-        (inputs are cloned: the algorithms may work in place). Override for joint methods.
+        (inputs are cloned: the algorithms may work in place). Override for joint methods. Per-expert
+        factors without a backbone are joined into the projection's factors; anything else has none.
         """
         self._check_expert_shapes(W3d, H3d)
-        out, bits, parts = torch.empty_like(W3d, dtype=torch.float32), BitBudget(), []
+        out, bits, factors = torch.empty_like(W3d, dtype=torch.float32), BitBudget(), []
         for e in range(W3d.shape[0]):
             res = self.binarize_matrix(W3d[e].float().clone(), H3d[e].float().clone())
             out[e] = res.weight
             bits = bits + res.bits
-            parts.append(res.parts)
-        return BinarizedExperts(out, bits, parts)
+            factors.append(res.factors)
+        joinable = all(isinstance(f, CEJDFactors) and f.backbone is None for f in factors)
+        return BinarizedExperts(out, bits, CEJDFactors.cat(factors) if factors and joinable else None)
 
     def _check_expert_shapes(self, W3d: torch.Tensor, H3d: torch.Tensor) -> None:
         if W3d.dim() != 3 or H3d.dim() != 3 or H3d.shape[0] != W3d.shape[0] or H3d.shape[1:] != (W3d.shape[2],) * 2:

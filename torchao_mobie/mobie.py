@@ -128,21 +128,9 @@ class MoBiEConfig(BinarizationConfig):
     on qwen3moe-32e / mixtral-8e layer and end-to-end measurements (glas_lambda=1.0 was catastrophic:
     gap 0.18 vs 0.04; more rounds/refine lower the calibration error a little and cost time).
 
-    Representation (``BinarizedExperts.parts[e]``, see :func:`torchao_mobie.algorithms.cejd.reconstruct`)::
-
-        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + Σ_p sign_x[p] * col_scale_x[p][None, :]
-                                    + sign2 * col_scale2[None, :])
-        W_hat[e] = backbone_matrix(backbone) @ Q_e    (side "output")
-        W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
-        W_hat[e] = Q_e                                (side "none": cejd=False)
-
-    signs int8 ±1; scales fp16, decoded from the stored 8-bit log codes (``row_code``, ``col_code``,
-    ``col_code2``, ``col_code_x [P, n]`` with the expert's ``scale_grid [3 + P, 2]``:
-    :mod:`torchao_mobie.algorithms.scale_codes`); ``sign_x [P, m, n]``/``col_scale_x`` the further full planes
-    (None with one plane); ``sign2``/``col_scale2`` None or zero outside the salient columns; the
-    backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
-    for int8, ``side``) is one object shared by every expert of the projection and counted once in
-    ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
+    Representation: ``BinarizedExperts.factors``, a :class:`~torchao_mobie.algorithms.factors.CEJDFactors`
+    (per-expert binary factors with 8-bit log-coded scales, optional further full planes and salient plane,
+    the shared backbone stored once; its docstring has the formula).
     """
 
     packed: bool = True
@@ -329,13 +317,7 @@ class MoBiEConfig(BinarizationConfig):
             plan = plans[0]
         if res is None:
             res = C.cejd_quantize(W, H, **full, **self._fit_kwargs(plan, E, projection, G))
-        p = res.parts
-        per_expert = ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "row_code", "col_code", "col_code2",
-                      "scale_grid", "sign_x", "col_scale_x", "col_code_x")
-        parts = [{"side": p["side"], "backbone": p["backbone"],
-                  **{k: None if p.get(k) is None else p[k][e] for k in per_expert}}
-                 for e in range(E)]
-        return BinarizedExperts(res.weight, res.bits, parts)
+        return BinarizedExperts(res.weight, res.bits, res.factors)
 
     def binarize_matrix(self, W, H):
         from .algorithms import cejd as C
@@ -344,4 +326,4 @@ class MoBiEConfig(BinarizationConfig):
         res = C.cejd_quantize(W.float()[None], H.float()[None], side="none", rounds=1, scale_rounds=self.scale_rounds,
                               percdamp=self.percdamp, refine=self.refine,
                               salient_cols=self.salient_cols if self.salient_cols is not None else n // 16)
-        return BinarizedWeight(res.weight[0], res.bits, {k: v for k, v in res.parts.items()})
+        return BinarizedWeight(res.weight[0], res.bits, res.factors)
