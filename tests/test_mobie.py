@@ -254,13 +254,14 @@ def test_rank_damp_ridges_exactly_the_experts_with_singular_hessians():
     """An expert routed fewer tokens than its inputs has rank(H) <= tokens: its Hessian (and only its,
     fallback experts excepted) gets rank_damp * mean diag * I after the usual mixing."""
     from torchao_mobie.config import QuantContext
+    from torchao_mobie.methods.mobie import joint_hessians
 
     W, H, X = _problem(4, 24, 16, T=200)
     H[1] = X[1, :5].T @ X[1, :5] / 5  # 5 tokens for 16 inputs: singular
     H[3] = X[3, :3].T @ X[3, :3] / 3  # 3 tokens, but on the layer-level fallback Hessian in the pipeline
     ctx = QuantContext(projection="gate_up_proj", token_counts=torch.tensor([200, 5, 200, 3]), fallback_experts=[3])
-    plain = MoBiEConfig(glas=False, rank_damp=0.0)._hessians(H, ctx)
-    damped = MoBiEConfig(glas=False, rank_damp=0.01)._hessians(H, ctx)
+    plain = joint_hessians(MoBiEConfig(glas=False, rank_damp=0.0), H, ctx)
+    damped = joint_hessians(MoBiEConfig(glas=False, rank_damp=0.01), H, ctx)
     torch.testing.assert_close(damped[[0, 2, 3]], plain[[0, 2, 3]], rtol=0, atol=0)
     ridge = 0.01 * plain[1].diagonal().mean() * torch.eye(16)
     torch.testing.assert_close(damped[1], plain[1] + ridge)
@@ -304,7 +305,7 @@ def test_nges_metric_reduces_router_component():
 
 
 def test_glas_weights_match_autograd():
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model
@@ -418,7 +419,7 @@ def test_end_to_end_micro_better_than_sign():
 def test_glas_weights_do_not_depend_on_the_run_with_several_threads():
     """With 2 CPU threads the MoE backward's index accumulation summed in a run-dependent order, so the
     same calibration gave different GLAS weights (and quantized models) from run to run."""
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model
@@ -441,7 +442,7 @@ def test_glas_weights_do_not_depend_on_the_run_with_several_threads():
 
 def test_glas_weights_do_not_depend_on_how_sequences_are_batched():
     """Held-back sequences form smaller batches; a token's GLAS weight must not change with its batch."""
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model

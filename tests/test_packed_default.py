@@ -14,7 +14,7 @@ import torch
 
 import torchao_mobie.storage as S
 from torchao_mobie import MoBiEConfig, quantize_, quantize_model
-from torchao_mobie.api import quantization_marker
+from torchao_mobie.marker import quantization_marker
 from torchao_mobie.integrations.transformers import discover_moe_layout
 
 

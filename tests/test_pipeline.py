@@ -354,7 +354,8 @@ def test_layer_statistics_come_from_already_quantized_layers():
 def test_layer_inputs_are_replayed_with_each_layers_own_kwargs():
     """Sliding-window and full-attention layers get different masks: replaying layer by layer with the
     captured per-layer kwargs must reproduce the model's own forward."""
-    from torchao_mobie.api import _calibration_batches, _capture_layer_inputs
+    from torchao_mobie.pipeline.batches import calibration_batches as _calibration_batches
+    from torchao_mobie.pipeline.sequential import capture_layer_inputs as _capture_layer_inputs
 
     from transformers import AutoConfig, AutoModelForCausalLM
 

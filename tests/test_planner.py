@@ -187,7 +187,7 @@ def test_later_layers_only_try_the_layouts_that_won():
 
 
 def test_hold_back_moves_every_fourth_sequence_into_batches_of_its_own():
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.heldback import hold_back
 
     ids = torch.arange(10)[:, None].repeat(1, 3)

@@ -1,8 +1,8 @@
-"""Turning MoBiE's explicit representation into packed :class:`MoBiETensor` parameters."""
+"""Module-level conversions between MoBiE's stored form (:class:`~torchao_mobie.algorithms.factors.CEJDFactors`)
+and packed :class:`MoBiETensor` parameters; the model-level finish (experts implementation, HF quantizer)
+is :mod:`.packed_model`."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -10,8 +10,8 @@ from torch import nn
 from ..integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["FACTORS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "finish_if_packed",
-           "finish_packed", "pack_experts", "pack_model", "pack_projection", "packs", "is_packed", "unpack_model"]
+__all__ = ["FACTORS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "is_packed",
+           "pack_experts", "pack_projection", "packs", "unpack_model"]
 
 # experts-module attribute ``{projection: CEJDFactors}`` where a quantization run leaves MoBiE's stored form
 # (``BinarizedExperts.factors``) until the projection is packed
@@ -82,30 +82,6 @@ def pack_projection(module: nn.Module, projection: str, name: str = "", *, check
     return True
 
 
-def finish_if_packed(model: nn.Module) -> None:
-    """:func:`finish_packed` when some experts weight of ``model`` is packed (after ``quantize_``)."""
-    if is_packed(model):
-        finish_packed(model)
-
-
-def finish_packed(model: nn.Module, *, experts_implementation: str | None = "mobie",
-                  attach_hf_quantizer: bool = True) -> None:
-    """What a model with packed experts needs around them: the experts implementation, ``storage="packed"``
-    in the quantization marker and the ``"mobie"`` HF quantizer (``save_pretrained`` writes the packed format)."""
-    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(experts_implementation)
-    from ..api import MARKER, quantization_marker
-
-    entries = quantization_marker(model)
-    if entries and hasattr(model, "config"):
-        setattr(model.config, MARKER, [dict(e, storage="packed") if "routed_experts" in e.get("scope", ()) else e
-                                       for e in entries])
-    if attach_hf_quantizer and hasattr(model, "config"):
-        from ..integrations.hf_quantizer import attach_quantizer
-
-        attach_quantizer(model)
-
-
 @torch.no_grad()
 def pack_experts(module: nn.Module, projection: str, factors, *, check: bool = True, name: str = "") -> MoBiETensor:
     """Replace ``module.<projection>`` by the packed weight built from ``factors`` (:class:`CEJDFactors` or its
@@ -130,48 +106,6 @@ def pack_experts(module: nn.Module, projection: str, factors, *, check: bool = T
                              f"(max abs diff {diff:.3g}); the factors belong to another quantization run")
     setattr(module, projection, nn.Parameter(t, requires_grad=False))
     return t
-
-
-def pack_model(model: nn.Module, factors: Mapping[str, object] | None = None, *,
-               experts_implementation: str | None = "mobie", check: bool = True,
-               attach_hf_quantizer: bool = True) -> nn.Module:
-    """Convert every binarized experts projection of ``model`` to :class:`MoBiETensor` (in place).
-
-    factors: optional ``{"<experts fqn>.<projection>": factors}`` (:class:`CEJDFactors` or the dict form);
-        otherwise the stored form left on the experts modules by the quantization run
-        (``module._mobie_factors[projection]``). Projections without one (fake-quant baselines such as BiLLM,
-        ARB-LLM, sign) stay as they are; if nothing can be packed (and nothing is packed already) a ValueError
-        says so. Projections already packed (``MoBiEConfig()`` packs when it quantizes) are skipped, so calling
-        it on a packed model only sets what :func:`finish_packed` sets.
-    experts_implementation: switch the model to this experts implementation (None = keep).
-    attach_hf_quantizer: attach the ``"mobie"`` HF quantizer/config so ``save_pretrained`` writes the
-        packed format.
-    """
-    factors = dict(factors or {})
-    packed = []
-    for fqn, module in model.named_modules():
-        if not is_experts_module(module):
-            continue
-        for proj in PROJECTIONS:
-            key = f"{fqn}.{proj}" if fqn else proj
-            p = factors.pop(key, None)
-            if isinstance(getattr(module, proj), MoBiETensor):
-                continue
-            if p is not None:
-                pack_experts(module, proj, p, check=check, name=fqn)
-                getattr(module, FACTORS_ATTR, {}).pop(proj, None)
-            elif not pack_projection(module, proj, fqn, check=check):
-                continue
-            packed.append(key)
-    if factors:
-        raise KeyError(f"pack_model: no experts parameter named {sorted(factors)}")
-    if not packed and not is_packed(model):
-        raise ValueError("pack_model: no experts weight has an explicit binary representation to pack (looked for "
-                         f"module.{FACTORS_ATTR}[projection]). Only MoBiEConfig produces one "
-                         "(BinarizedExperts.factors); the BiLLM / ARB-LLM / sign baselines are fake-quant only. "
-                         "Pass factors={'<experts fqn>.<projection>': factors} to pack a representation built elsewhere")
-    finish_packed(model, experts_implementation=experts_implementation, attach_hf_quantizer=attach_hf_quantizer)
-    return model
 
 
 @torch.no_grad()

@@ -55,11 +55,11 @@ from torchao.utils import TorchAOBaseTensor
 from ..algorithms.factors import SIDES, CEJDFactors, factor_bits
 from ..algorithms.result import BitBudget
 from ..algorithms.scale_codes import decode_log8
-from .packing import pack_signs, packed_length, salient_slot_index, unpack_bits, unpack_signs
+from ..kernels.dispatch import factor_mm
+from ..kernels.packing import pack_signs, packed_length, salient_slot_index, unpack_bits, unpack_signs
 
 __all__ = ["MoBiETensor", "SIDES"]
 
-aten = torch.ops.aten
 _BACKBONE_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8", torch.float32: "float32",
                     torch.float16: "float16"}
 FP16_BITS = 16
@@ -370,80 +370,19 @@ class MoBiETensor(TorchAOBaseTensor):
         return z @ self.backbone_matrix().t()
 
     def factor_mm(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32."""
-        row_scale, col_scale, col_scale2 = self.scales()
-        return torch.ops.mobie.binary_factor_mm(
-            x.float(), expert_ids, self.qdata, row_scale, col_scale, self.qdata2, col_scale2,
-            self.salient, self.mean, self.qdata_x, self.extra_scales())
-
-
-# ----------------------------------------------------------------------------------------------
-# the binary factor GEMM (opaque custom op: one entry point for compile; Triton comes later)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mobie::binary_factor_mm", mutates_args=())
-def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
-                     col_scale: torch.Tensor, qdata2: torch.Tensor | None, col_scale2: torch.Tensor | None,
-                     salient: torch.Tensor | None, mean: torch.Tensor | None, qdata_x: torch.Tensor | None = None,
-                     col_scale_x: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: for each expert that has rows, unpack its signs once and run a ±1 matmul.
-
-    ``y_i = row_scale[e] * (B_e (col_scale[e] * x_i) + B2_e (col_scale2[e] * x_i[salient_e])) + mean[e] * Σ x_i``
-    Experts without rows are never touched.
-    """
-    S, n = x.shape
-    E, m = row_scale.shape
-    out = torch.zeros(S, m, dtype=torch.float32, device=x.device)
-    if S == 0:
-        return out
-    ids = expert_ids.reshape(-1).long()
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=E).tolist()
-    idx2 = None
-    if qdata2 is not None:
-        s = col_scale2.shape[1]
-        idx2 = salient_slot_index(unpack_bits(salient, n).bool(), s)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        rows = order[start:start + c]
-        start += c
-        xe = x[rows].float()
-        B = unpack_signs(qdata[e], n)  # [m, n] ±1
-        y = (xe * col_scale[e].float()) @ B.t()
-        if qdata_x is not None:
-            for p in range(qdata_x.shape[1]):
-                y = y + (xe * col_scale_x[e, p].float()) @ unpack_signs(qdata_x[e, p], n).t()
-        if qdata2 is not None:
-            B2 = unpack_signs(qdata2[e], m)  # [s, m]
-            y = y + (xe[:, idx2[e]] * col_scale2[e].float()) @ B2
-        y = y * row_scale[e].float()
-        if mean is not None:
-            y = y + xe.sum(-1, keepdim=True) * mean[e].float()
-        out[rows] = y
-    return out
-
-
-@binary_factor_mm.register_fake
-def _(x, expert_ids, qdata, row_scale, col_scale, qdata2, col_scale2, salient, mean, qdata_x=None, col_scale_x=None):
-    return x.new_empty((x.shape[0], row_scale.shape[1]), dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
+        """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32, on the
+        backend the kernel dispatch chooses (Triton on CUDA, else the ±1 reference)."""
+        return factor_mm(self, x, expert_ids)
 
 
 def _as_half(t, shape, what) -> torch.Tensor:
     t = torch.as_tensor(t)
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"MoBiE parts: {what} must be {list(shape)}, got {list(t.shape)}")
+        raise ValueError(f"MoBiE factors: {what} must be {list(shape)}, got {list(t.shape)}")
     if t.dtype != torch.float16:
         h = t.to(torch.float16)
         if not torch.equal(h.float(), t.float()):
-            raise ValueError(f"MoBiE parts: {what} is {t.dtype} and not representable in fp16 (stored width)")
+            raise ValueError(f"MoBiE factors: {what} is {t.dtype} and not representable in fp16 (stored width)")
         t = h
     return t.contiguous()
 
@@ -451,94 +390,5 @@ def _as_half(t, shape, what) -> torch.Tensor:
 def _checked(t, shape, dtype, what) -> torch.Tensor:
     t = torch.as_tensor(t)
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise ValueError(f"MoBiE parts: {what} must be {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
+        raise ValueError(f"MoBiE factors: {what} must be {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
     return t.contiguous()
-
-
-# ----------------------------------------------------------------------------------------------
-# aten / torch-function dispatch (generic experts implementations: eager, batched_mm, grouped_mm)
-# ----------------------------------------------------------------------------------------------
-
-implements = MoBiETensor.implements
-implements_torch_function = MoBiETensor.implements_torch_function
-
-
-@implements(aten.select.int)
-def _(func, types, args, kwargs):
-    self, dim, index = args[0], args[1], args[2]
-    if dim != 0:
-        raise NotImplementedError(f"MoBiETensor: select along dim {dim}; only expert selection (dim 0) is supported")
-    index = int(index)
-    if index < 0:
-        index += self.shape[0]
-    return self.dequantize(experts=torch.tensor([index], device=self.qdata.device))[0]
-
-
-@implements(aten.index.Tensor)
-def _(func, types, args, kwargs):
-    self, indices = args[0], args[1]
-    if len(indices) != 1 or indices[0] is None:
-        raise NotImplementedError("MoBiETensor: only indexing the expert dim with one index tensor is supported")
-    idx = indices[0]
-    if idx.dtype == torch.bool:
-        idx = idx.nonzero().squeeze(-1)
-    flat = idx.reshape(-1).long()
-    w = self.dequantize(experts=flat)
-    return w.reshape(*idx.shape, *self.shape[1:])
-
-
-@implements(aten.transpose.int)
-def _(func, types, args, kwargs):
-    # grouped_mm path: a lazily transposed view, consumed by _grouped_mm below without dequantizing
-    self, d0, d1 = args[0], args[1], args[2]
-    if {d0 % 3, d1 % 3} != {1, 2}:
-        raise NotImplementedError(f"MoBiETensor: transpose({d0}, {d1}); only the last two dims can be swapped")
-    names, attrs = self.__tensor_flatten__()
-    kw = {n: getattr(self, n) for n in names if n not in MoBiETensor.tensor_data_names}
-    return MoBiETensor(self.qdata, self.row_scale, self.col_scale, self.side, self.dtype, **kw,
-                       transposed=not self.transposed)
-
-
-def packed_grouped_mm(x: torch.Tensor, w: "MoBiETensor", offs: torch.Tensor) -> torch.Tensor:
-    """``x [S, n]`` rows grouped by expert (``offs``: cumulative row counts) times the transposed packed
-    weight ``w [E, n, m]`` -> ``[S, m]`` in ``w.dtype``; rows past ``offs[-1]`` are zero. Only the
-    experts that own rows are unpacked."""
-    if not w.transposed:
-        raise NotImplementedError("grouped_mm needs the [E, in, out] (transposed) view of a MoBiETensor")
-    S = x.shape[0]
-    rows = torch.arange(S, device=x.device)
-    ids = torch.searchsorted(offs.to(torch.int64), rows, right=True)
-    valid = ids < w.num_experts
-    ids = ids.clamp(max=w.num_experts - 1)
-    xf = w.backbone_input(x.float())
-    y = w.backbone_output(w.factor_mm(xf, ids))
-    y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return y.to(w.dtype)
-
-
-@implements(aten._grouped_mm.default)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    offs = args[2] if len(args) > 2 else kwargs.get("offs")
-    bias = args[3] if len(args) > 3 else kwargs.get("bias")
-    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
-    if not isinstance(w, MoBiETensor) or isinstance(x, MoBiETensor) or offs is None or x.dim() != 2:
-        raise NotImplementedError("MoBiETensor: only _grouped_mm(x [S, in], packed weight [E, in, out], offs) "
-                                  "is supported")
-    y = packed_grouped_mm(x, w, offs)
-    if bias is not None:
-        raise NotImplementedError("MoBiETensor: _grouped_mm with bias")
-    return y.to(out_dtype) if out_dtype is not None else y
-
-
-@implements([aten.t.default])
-def _(func, types, args, kwargs):
-    raise NotImplementedError("MoBiETensor is 3D; .t() is undefined")
-
-
-@implements_torch_function(torch.nn.functional.linear)
-def _(func, types, args, kwargs):
-    raise NotImplementedError("MoBiETensor holds a 3D experts weight; select an expert before F.linear")
-
-
-torch.serialization.add_safe_globals([MoBiETensor])

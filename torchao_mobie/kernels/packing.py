@@ -1,4 +1,4 @@
-"""Bit packing of ±1 signs (torch reference implementation).
+"""Bit packing of ±1 signs: the word format the packed tensor stores and every kernel reads.
 
 Layout (gemlite-style word format): 32 consecutive signs along the packed dimension go into one int32
 word, **LSB first**: bit ``i`` of word ``w`` holds element ``32*w + i``; a set bit means ``+1``, a clear
