@@ -141,7 +141,7 @@ def test_a_joint_layout_needs_a_clear_held_back_win_to_displace_per_expert_facto
 
 
 def test_gate_up_target_gives_down_proj_its_full_plane_first():
-    from torchao_mobie.algorithms.planner import MARGIN, gate_up_target
+    from torchao_mobie.algorithms.planner import DOWN_SLACK, MARGIN, gate_up_target
 
     sides = ["input", "output", "none"]
     E, hidden, inter = 32, 160, 64
@@ -149,14 +149,22 @@ def test_gate_up_target_gives_down_proj_its_full_plane_first():
     down_full = bits_estimate(E, hidden, inter, "none", "int8", 0, 2)  # two full planes
     out_base = bits_estimate(E, 2 * inter, hidden, "output", "int8")
     # gate_up gets what down_proj's full plane leaves, here too little for an output-side backbone
-    assert t == pytest.approx((4.5 - down_full) / 2) and t < out_base + MARGIN
+    assert t == pytest.approx((4.5 - down_full - MARGIN - DOWN_SLACK) / 2) and t < out_base + MARGIN
     cands = plan_candidates(E, 2 * inter, hidden, t + MARGIN, sides, "int8")
     assert [p.side for p in cands] == ["none"] and cands[0].bits <= t + MARGIN
-    assert gate_up_target(E, hidden, inter, 2.2, sides, "int8") == pytest.approx((6.6 - down_full) / 2)
+    assert gate_up_target(E, hidden, inter, 2.2, sides, "int8") == pytest.approx((6.6 - down_full - 0.03) / 2)
     # from ~2.5 bits on, down_proj keeps a plane ahead of gate_up
     down3 = bits_estimate(E, hidden, inter, "none", "int8", 0, 3)
     t2 = gate_up_target(E, hidden, inter, 3.0, sides, "int8")
-    assert t2 == pytest.approx((9.0 - down3) / 2) and t2 < down3
+    assert t2 == pytest.approx((9.0 - down3 - 0.03) / 2) and t2 < down3
+    # whatever gate_up spends up to its target, down_proj's share still holds its full planes
+    E, hidden, inter = 32, 512, 192
+    for cap, planes in ((1.5, 2), (2.2, 2), (3.0, 3), (4.0, 4)):
+        g = max(p.bits for p in plan_candidates(E, 2 * inter, hidden, gate_up_target(E, hidden, inter, cap, sides, "int8")
+                                                + MARGIN, sides, "int8"))
+        assert g <= gate_up_target(E, hidden, inter, cap, sides, "int8")
+        down = plan_candidates(E, hidden, inter, 3 * cap - 2 * g - DOWN_SLACK, ["none"], "int8")[0]
+        assert down.planes == planes, (cap, down)
 
 
 def test_later_layers_only_try_the_layouts_that_won():

@@ -235,11 +235,13 @@ def refit_scales(B, a, b, fm: FactorMetrics, rounds: int = 2, ridge: float = 1e-
     return B, a, b, B2, b2
 
 
-def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None, block: int = 32):
+def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None, block: int = 32,
+                 cols: int | None = None):
     """Greedy coordinate descent on the first-plane signs (scales fixed): flip ``B_ij`` when it lowers
     ``tr(Gf Q Hf Qᵀ) − 2 tr(Qᵀ T)``; one column at a time, all rows of the column at once (exact when
     the left metric is the identity; with a left metric the flips of one column are screened row by row).
-    The gradient is updated lazily in blocks of ``block`` columns (one matmul per block)."""
+    The gradient is updated lazily in blocks of ``block`` columns (one matmul per block); ``cols``: only the
+    first ``cols`` columns are flipped (the first plane of stacked planes)."""
     Hf, Gf, T = fm.Hf, fm.Gf, fm.T
     E, m, n = B.shape
     Q = _factor(a, B, b, B2, b2)
@@ -254,8 +256,8 @@ def refine_signs(B, a, b, fm: "FactorMetrics", sweeps: int = 2, B2=None, b2=None
         nflip = 0
         # the change of entry (i, j) if flipped; column j of B only changes while column j is visited
         Delta = 2 * a[:, :, None] * b[:, None, :] * B
-        for s0 in range(0, n, block):
-            s1 = min(n, s0 + block)
+        for s0 in range(0, n if cols is None else cols, block):
+            s1 = min(n if cols is None else cols, s0 + block)
             w = s1 - s0
             # flipping (i, j) lowers f iff delta·g > delta²·curv / 2, with g the gradient as of column j's
             # turn; the right side is fixed for the block, so it is formed at once. Columns are rows of

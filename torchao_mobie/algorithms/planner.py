@@ -23,12 +23,13 @@ import torch
 from .factors import backbone_bits, factor_bits
 from .scale_codes import CODE_BITS
 
-__all__ = ["MARGIN", "MAX_PLANES", "Plan", "bits_estimate", "gate_up_target", "plan_candidates", "select_plan"]
+__all__ = ["DOWN_SLACK", "MARGIN", "MAX_PLANES", "Plan", "bits_estimate", "gate_up_target", "plan_candidates", "select_plan"]
 
 log = logging.getLogger(__name__)
 
 MARGIN = 0.02  # bits kept free of the cap for the estimate's rounding
 MAX_PLANES = 4  # full binary planes per factor (budgets up to ~4-5 bits per weight)
+DOWN_SLACK = 0.01  # bits kept off down_proj's share so a layer never exceeds the cap by rounding
 
 
 @dataclass(frozen=True)
@@ -51,27 +52,25 @@ def bits_estimate(E: int, m: int, n: int, side: str, dtype: str, salient: int = 
 
 def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salient: int | None = None) -> list[Plan]:
     """The layouts of ``sides`` whose backbone fits ``cap``, each with as many salient columns as the cap
-    leaves (or exactly ``salient``). A layout whose salient plane would cover every column takes a further
-    full plane instead (up to ``MAX_PLANES``), cheaper by the bitmap and fit jointly with the first (the
-    salient plane's signs are chosen once; full planes are refined with the rest), and fills the rest
-    again. Never empty: when nothing fits, the cheapest layout without planes."""
+    leaves (or exactly ``salient``), after as many whole planes as fit (up to ``MAX_PLANES``): a full
+    plane costs less than a salient plane on every column (no bitmap) and is fit better (its signs are
+    refined with the first plane's; the salient plane's are chosen once). Never empty: when nothing fits,
+    the cheapest layout without planes."""
     out = []
     for side in sides:
         base = bits_estimate(E, m, n, side, dtype)
         if base + MARGIN > cap and side != "none":
             continue
         planes = 1
-        while True:
-            base = bits_estimate(E, m, n, side, dtype, 0, planes)
-            if salient is not None:
-                s = min(salient, n)
-                break
+        while salient is None and planes < MAX_PLANES and bits_estimate(E, m, n, side, dtype, 0, planes + 1) + MARGIN <= cap:
+            planes += 1
+        base = bits_estimate(E, m, n, side, dtype, 0, planes)
+        if salient is not None:
+            s = min(salient, n)
+        else:
             per_col = (m + CODE_BITS) / (m * n)
             room = cap - MARGIN - base - 1.0 / m  # the bitmap is paid once any column is salient
             s = max(0, min(n, int(room / per_col))) if room > 0 else 0
-            if s < n or planes >= MAX_PLANES:
-                break
-            planes += 1
         out.append(Plan(side, dtype, s, bits_estimate(E, m, n, side, dtype, s, planes), planes))
     if not out:
         side = min(sides, key=lambda sd: bits_estimate(E, m, n, sd, dtype))
@@ -88,7 +87,8 @@ def gate_up_target(E: int, hidden: int, inter: int, cap: float, sides, dtype: st
     alone exceeds the target is no candidate."""
     planes = max(2, min(MAX_PLANES, math.floor(cap + 0.5)))  # past ~2.5 bits down_proj stays a plane ahead
     down_full = min(bits_estimate(E, hidden, inter, s, dtype, 0, planes) for s in sides)
-    return (3 * cap - down_full) / 2
+    # down_proj's cap (3·cap − 2·gate_up − DOWN_SLACK) must still hold its planes plus the planner's MARGIN
+    return (3 * cap - down_full - MARGIN - DOWN_SLACK) / 2
 
 
 def select_plan(plans: list[Plan], fit, score, name: str = "", reference: str = "none", z: float = 2.0):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..algorithms import cejd as C
 from ..algorithms.cejd import choose_side
 from ..algorithms.nges import router_metric
-from ..algorithms.planner import MARGIN, bits_estimate, gate_up_target, plan_candidates, select_plan
+from ..algorithms.planner import DOWN_SLACK, MARGIN, bits_estimate, gate_up_target, plan_candidates, select_plan
 from ..algorithms.result import BinarizedWeight
 from ..calibration.hessian import joint_expert_metric
 from .base import BinarizedExperts, QuantContext
@@ -92,7 +92,7 @@ def quantize_experts(cfg, W3d, H3d, context: QuantContext | None = None) -> Bina
         g_bits = None if context is None else context.sibling_bits
         if g_bits is None:  # gate_up not binarized here: what it would take at most
             g_bits = max(p.bits for p in plans_for(cfg, E, 2 * n, m, gate_up_bits(cfg, E, m, n, cap) + MARGIN))
-        plans = plans_for(cfg, E, m, n, 3 * cap - 2 * g_bits - 0.01)
+        plans = plans_for(cfg, E, m, n, 3 * cap - 2 * g_bits - DOWN_SLACK)
     else:
         plans = plans_for(cfg, E, m, n, cap)
     full = dict(rounds=cfg.rounds, refine=cfg.refine, polish=cfg.polish)

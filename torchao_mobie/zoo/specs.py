@@ -24,6 +24,7 @@ class ZooSpec:
     batch_size: int = 8
     seqlen: int = 256
     lr: float = 3e-3
+    weight_decay: float = 0.1  # AdamW, on matrices only
     train_corpora: tuple = ("wikitext2",)  # train splits, concatenated
     seed: int = 0  # training seed (``zoo.train --seed`` overrides it)
 
@@ -108,6 +109,16 @@ HELDOUT: dict[str, ZooSpec] = {
             shared_expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, num_experts=32, num_experts_per_tok=2, norm_topk_prob=False,
             router_aux_loss_coef=0.0), seed=3),
+        # less fragile recipe: 5x the weight decay (AdamW 0.5) at the zoo's peak lr keeps weight norms small
+        # and spread evenly (a lower peak lr made models *more* fragile: heldout-mixtral-7m-s1)
+        ZooSpec("heldout-qwen3moe-12m-wd", "qwen3_moe", "fine-grained", dict(
+            hidden_size=256, intermediate_size=1024, moe_intermediate_size=104, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
+            num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01), weight_decay=0.5, seed=4),
+        ZooSpec("heldout-mixtral-9m-wd", "mixtral", "coarse", dict(
+            hidden_size=256, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.01), weight_decay=0.5, seed=5),
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)

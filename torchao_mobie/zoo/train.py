@@ -60,7 +60,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=spec.lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
     curve = []
@@ -86,7 +86,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
-            "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr,
+            "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr, "weight_decay": spec.weight_decay,
             "train_corpora": list(spec.train_corpora), "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(info, indent=1))
