@@ -7,6 +7,8 @@ interpreter (TRITON_INTERPRET=1, set by conftest); on a machine with CUDA the la
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,9 +29,8 @@ def _spied(monkeypatch, name: str) -> dict:
             return fn(*a, **k)
         return run
 
-    monkeypatch.setitem(dispatch.BACKENDS, name, dispatch.KernelBackend(
-        factor_mm=count("factor_mm", be.factor_mm), moe=None if be.moe is None else count("moe", be.moe),
-        extra_planes=be.extra_planes))
+    monkeypatch.setitem(dispatch.BACKENDS, name, dataclasses.replace(
+        be, factor_mm=count("factor_mm", be.factor_mm), moe=None if be.moe is None else count("moe", be.moe)))
     return calls
 
 
@@ -58,6 +59,30 @@ def test_rule(monkeypatch):
     with dispatch.use_backend("reference"):
         assert dispatch.choose_backend(x) == "reference"
     assert dispatch.choose_backend(x) == "cpu"
+    # a backend with its own condition on the activations (e.g. only inside a compile trace)
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", dispatch.KernelBackend(cpu.factor_mm, usable=lambda x: x.shape[0] > 2))
+    assert dispatch.choose_backend(x) == "reference" and dispatch.choose_backend(torch.zeros(3, 3)) == "cpu"
+
+
+def test_a_registered_cpu_backend_runs_the_mobie_experts(packed_experts, monkeypatch):
+    """The seam of the compiled CPU path: registered in BACKENDS["cpu"], its products run the "mobie" experts
+    implementation on CPU tensors (the reference block: it has no whole-block kernel here)."""
+    ex, x, idx, w = packed_experts
+    with torch.no_grad():
+        ref = ex(x, idx, w)
+    used = []
+
+    def spy(name, fn):
+        return lambda *a: used.append(name) or fn(*a)
+
+    ref_be = dispatch.BACKENDS["reference"]
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", dispatch.KernelBackend(
+        factor_mm=spy("factor_mm", ref_be.factor_mm), backbone_input=spy("in", lambda w, x: w.backbone_input(x)),
+        backbone_output=spy("out", lambda w, z: w.backbone_output(z)), extra_planes=True))
+    with torch.no_grad():
+        got = ex(x, idx, w)
+    assert used.count("factor_mm") == 2 and "in" in used and "out" in used
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
 
 
 def test_use_backend_names_what_is_wrong(monkeypatch):
@@ -108,13 +133,33 @@ def test_further_planes_stay_on_the_reference(monkeypatch):
         w.factor_mm(x, ids)
 
 
-def test_packed_checkpoint_runs_triton_after_from_pretrained(mobie_checkpoint, monkeypatch):
+def _checkpoint(micro, out, **fields):
+    """A packed micro checkpoint of ``MoBiEConfig(**fields)`` (4 x 64 calibration tokens) saved to ``out``."""
+    import copy
+
+    from torchao_mobie import MoBiEConfig, quantize_model
+    from torchao_mobie.data import calibration_samples, load_text, tokenize_corpus
+
+    model, tok = copy.deepcopy(micro[0]), micro[1]
+    calib = calibration_samples(tokenize_corpus(load_text("wikitext2", "test")[:20_000], tok), 4, 64)
+    quantize_model(model, MoBiEConfig(**fields), calib, progress=False)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_plane_checkpoint(micro, tmp_path_factory):
+    """One full plane (+ salient plane) per projection: what the Triton kernels hold."""
+    return _checkpoint(micro, tmp_path_factory.mktemp("one_plane"), max_bits=1.6)
+
+
+def test_packed_checkpoint_runs_triton_after_from_pretrained(one_plane_checkpoint, monkeypatch):
     """``from_pretrained`` of a packed checkpoint, then a forward: on CUDA the "mobie" experts implementation
     reaches the fused Triton kernels through the dispatch (no registration, no extra call), on the CPU the
     reference; both agree."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(mobie_checkpoint, dtype=torch.float32)  # fp32: paths comparable
+    model = AutoModelForCausalLM.from_pretrained(one_plane_checkpoint, dtype=torch.float32)  # fp32: comparable
     assert model.config._experts_implementation == "mobie"
     ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
     calls = _spied(monkeypatch, "triton")
@@ -123,9 +168,24 @@ def test_packed_checkpoint_runs_triton_after_from_pretrained(mobie_checkpoint, m
         assert calls == {"factor_mm": 0, "moe": 0}  # CPU: the reference
         _as_if_cuda(monkeypatch)
         got = model(ids).logits
-    n_moe_layers = len(model.model.layers)
-    assert calls["moe"] == n_moe_layers  # one fused experts block per MoE layer
+    assert calls["moe"] == len(model.model.layers)  # one fused experts block per MoE layer
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_a_checkpoint_with_further_planes_stays_on_the_reference(micro, tmp_path, monkeypatch):
+    """Layers whose weights have further full planes run on the reference, the others on Triton."""
+    from transformers import AutoModelForCausalLM
+
+    path = _checkpoint(micro, tmp_path / "planes", max_bits=3.0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with_planes = [any(p.extra_planes for p in layer.mlp.experts.parameters() if isinstance(p, S.MoBiETensor))
+                   for layer in model.model.layers]
+    assert any(with_planes)
+    calls = _spied(monkeypatch, "triton")
+    _as_if_cuda(monkeypatch)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert calls == {"factor_mm": 0, "moe": with_planes.count(False)}
 
 
 def test_layouts_the_fused_block_does_not_cover_use_the_triton_factor_products(monkeypatch):
@@ -180,11 +240,10 @@ def packed_experts(micro):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_cuda_from_pretrained_runs_triton_and_compiles(mobie_checkpoint, monkeypatch):
+def test_on_cuda_from_pretrained_runs_triton_and_compiles(one_plane_checkpoint, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model = AutoModelForCausalLM.from_pretrained(mobie_checkpoint).cuda()
+    model = AutoModelForCausalLM.from_pretrained(one_plane_checkpoint).cuda()
     ids = torch.randint(0, model.config.vocab_size, (1, 6), device="cuda")
     calls = _spied(monkeypatch, "triton")
     with torch.no_grad():

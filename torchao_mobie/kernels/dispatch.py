@@ -56,16 +56,25 @@ class KernelBackend:
     moe: ``(hidden, top_k_index, top_k_weights, gate_up, down, *, has_gate, activation) -> [T, H]``, a whole
         experts block without biases or post-expert norm, or None (the reference block with ``factor_mm``).
     extra_planes: it also runs weights with further full binary planes (``MoBiETensor.extra_planes > 0``).
+    backbone_input / backbone_output: ``(w, x) -> S x`` / ``(w, z) -> M z`` in the reference block (None: the
+        weight's own methods).
+    usable: a condition on the activations the backend also needs (e.g. running inside a compile trace);
+        None: always, once the rule picks it.
     """
 
     factor_mm: Callable
     moe: Callable | None = None
     extra_planes: bool = False
+    backbone_input: Callable | None = None
+    backbone_output: Callable | None = None
+    usable: Callable[[torch.Tensor], bool] | None = None
 
 
 BACKENDS: dict[str, KernelBackend | None] = {
     "triton": KernelBackend(factor_mm=triton_factor_mm, moe=moe_binary_triton),
-    "cpu": None,  # the compiled CPU path (issue 19) plugs in here: KernelBackend(factor_mm=..., moe=... or None)
+    # the compiled CPU path (issue 19) plugs in here: KernelBackend(factor_mm=..., backbone_input=...,
+    # backbone_output=..., usable=<e.g. inside a compile trace>, extra_planes=...), moe=None: the reference block
+    "cpu": None,
     "reference": KernelBackend(factor_mm=reference_factor_mm, extra_planes=True),
 }
 
@@ -111,7 +120,9 @@ def choose_backend(x: torch.Tensor, *weights) -> str:
             raise NotImplementedError(f"use_backend({_FORCED!r}): this backend holds one full binary plane (plus the "
                                       "salient plane); these weights have more: use the reference backend")
         return _FORCED
-    return backend_for(x.device.type, _extra_planes(weights))
+    name = backend_for(x.device.type, _extra_planes(weights))
+    usable = BACKENDS[name].usable
+    return name if usable is None or usable(x) else "reference"
 
 
 def _check_triton(x, weights, what: str) -> None:
@@ -144,7 +155,8 @@ def moe_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
         return backend.moe(hidden, top_k_index, top_k_weights, gate_up, down, has_gate=has_gate, activation=activation)
     return moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, has_gate=has_gate,
                                 activation=activation, gate_fn=gate_fn, gate_up_bias=gate_up_bias,
-                                down_bias=down_bias, post_norm=post_norm, factor_mm=backend.factor_mm)
+                                down_bias=down_bias, post_norm=post_norm, factor_mm=backend.factor_mm,
+                                backbone_input=backend.backbone_input, backbone_output=backend.backbone_output)
 
 
 def _check(gate_up, down, hidden, top_k_index, has_gate, activation):

@@ -96,31 +96,41 @@ def _gate(h: torch.Tensor, has_gate: bool, activation: str) -> torch.Tensor:
     return act(g) * u
 
 
-def _linear_pairs(w, x_tokens, token_idx, ids, factor_mm, *, defer_output_backbone=False):
+def _backbone_input(w, x):
+    return w.backbone_input(x)
+
+
+def _backbone_output(w, z):
+    return w.backbone_output(z)
+
+
+def _linear_pairs(w, x_tokens, token_idx, ids, ops, *, defer_output_backbone=False):
     """``W_{ids[i]} x_tokens[token_idx[i]]`` for every pair ``i``; ``x_tokens`` may be per pair
-    (``token_idx`` None)."""
+    (``token_idx`` None); ``ops``: (backbone_input, factor_mm, backbone_output)."""
+    backbone_input, factor_mm, backbone_output = ops
     if w.side == "input" and token_idx is not None:
-        x_tokens = w.backbone_input(x_tokens)  # once per token
+        x_tokens = backbone_input(w, x_tokens)  # once per token
         xp = x_tokens[token_idx]
     else:
         xp = x_tokens if token_idx is None else x_tokens[token_idx]
-        xp = w.backbone_input(xp)
+        xp = backbone_input(w, xp)
     z = factor_mm(w, xp, ids)
     if not defer_output_backbone:
-        z = w.backbone_output(z)
+        z = backbone_output(w, z)
     return z
 
 
 def moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, *, has_gate=True, activation="silu",
                          gate_fn=None, gate_up_bias=None, down_bias=None, post_norm=None,
-                         factor_mm=reference_factor_mm) -> torch.Tensor:
+                         factor_mm=reference_factor_mm, backbone_input=None, backbone_output=None) -> torch.Tensor:
     """Experts output ``[T, H]`` (in ``hidden.dtype``) of packed ``gate_up [E, 2I or I, H]`` and
     ``down [E, H, I]``, computed in fp32.
 
     ``gate_fn`` (default: ``activation`` on the gate half times the up half, or on all of it without
     ``has_gate``) maps the ``gate_up`` output of each pair to the ``down`` input; ``gate_up_bias [E, 2I]``,
     ``down_bias [E, H]`` and ``post_norm`` (applied to each pair's ``down`` output) are optional;
-    ``factor_mm(w, x, ids)`` runs the binary factors (default: the ±1 reference).
+    ``factor_mm(w, x, ids)`` runs the binary factors (default: the ±1 reference), ``backbone_input(w, x)`` /
+    ``backbone_output(w, z)`` the backbones (default: the weight's own methods).
     """
     if gate_fn is None and activation not in ACTIVATIONS:
         raise NotImplementedError(f"moe_binary_reference: activation {activation!r} (supported: {list(ACTIVATIONS)}; "
@@ -132,20 +142,21 @@ def moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, *, h
     w = top_k_weights.reshape(-1).float()
     x = hidden.float()
 
-    h = _linear_pairs(gate_up, x, token_idx, ids, factor_mm)
+    ops = (backbone_input or _backbone_input, factor_mm, backbone_output or _backbone_output)
+    h = _linear_pairs(gate_up, x, token_idx, ids, ops)
     if gate_up_bias is not None:
         h = h + gate_up_bias[ids].float()
     h = gate_fn(h) if gate_fn is not None else _gate(h, has_gate, activation)
 
     defer = down.side == "output" and post_norm is None  # Σ_e g_e M Q_e h_e = M Σ_e g_e Q_e h_e
-    y = _linear_pairs(down, h, None, ids, factor_mm, defer_output_backbone=defer)
+    y = _linear_pairs(down, h, None, ids, ops, defer_output_backbone=defer)
     if down_bias is not None and not defer:
         y = y + down_bias[ids].float()
     if post_norm is not None:
         y = post_norm(y)
     y = (y * w[:, None]).view(T, k, y.shape[-1]).sum(1)
     if defer:
-        y = down.backbone_output(y)
+        y = ops[2](down, y)
         if down_bias is not None:
             y = y + (down_bias[ids].float() * w[:, None]).view(T, k, y.shape[-1]).sum(1)
     return y.to(hidden.dtype)
