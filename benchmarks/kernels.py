@@ -261,7 +261,6 @@ def build_model(device, tiny, layers=None):
 def to_mobie(model, device):
     """Swap every experts weight for a random packed MoBiE weight (in place, freeing bf16 experts)."""
     from torchao_mobie.algorithms.cejd import choose_side
-    from torchao_mobie.kernels import register_experts_implementation
 
     for layer in model.model.layers:
         ex = layer.mlp.experts
@@ -272,7 +271,7 @@ def to_mobie(model, device):
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    model.set_experts_implementation(register_experts_implementation())
+    model.set_experts_implementation("mobie")  # the kernel dispatch runs Triton on CUDA
     return model
 
 
@@ -353,10 +352,12 @@ def main(argv=None):
         return 2
     torch.set_num_threads(1) if device.type == "cpu" else None
     torch.manual_seed(0)
-    from torchao_mobie.kernels import triton_usable
+    from torchao_mobie.kernels import choose_backend, triton_usable
 
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {dev_name}; triton kernels: {triton_usable(torch.empty(0, device=device))}", flush=True)
+    probe = torch.empty(0, device=device)
+    print(f"device: {dev_name}; triton kernels: {triton_usable(probe)}; the dispatch runs: {choose_backend(probe)}",
+          flush=True)
     copy_bw = copy_bandwidth(device)
     print(f"measured device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s", flush=True)
     result = dict(device=dev_name, copy_bandwidth_Bps=copy_bw, torch=torch.__version__)

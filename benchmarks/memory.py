@@ -29,15 +29,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = {"fine-grained": 0.12, "coarse": 0.14}  # micro: no target (test model)
 
 
-def _stored_bits(b) -> int:
-    return b.sign_bits + b.bitmap_bits + b.group_bitmap_bits + b.param_bits + b.backbone_bits
-
-
 def binarize_data_free(model, config: MoBiEConfig) -> tuple[dict, int]:
-    """Fake-quant weights written into the model + ``{param fqn: parts}`` and the summed accounted bits."""
+    """Fake-quant weights written into the model + ``{param fqn: factors}`` and the summed accounted bits."""
     res = binarize_experts_data_free(model, lambda W, H, name, p: config.quantize_experts(
         W, H, context=QuantContext(name=name, projection=p, data_free=True)))
-    return {k: r.parts for k, r in res.items()}, sum(_stored_bits(r.bits) for r in res.values())
+    return {k: r.factors for k, r in res.items()}, sum(r.bits.stored_bits for r in res.values())
 
 
 def measure(name: str, config: MoBiEConfig, variant: str = "default") -> dict:
@@ -45,11 +41,11 @@ def measure(name: str, config: MoBiEConfig, variant: str = "default") -> dict:
     model, _ = load_zoo_model(name, dtype=torch.bfloat16)
     before = memory_report(model)
     t = time.time()
-    parts, accounted_bits = binarize_data_free(model, config)
+    factors, accounted_bits = binarize_data_free(model, config)
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids).logits.float()
-    pack_model(model, parts)
+    pack_model(model, factors)
     with torch.no_grad():
         out = model(ids).logits.float()
     after = memory_report(model)

@@ -316,7 +316,7 @@ def test_cli_data_dir_missing_not_a_dir_or_without_corpora(tmp_path, capsys, mon
     err = cli_error(capsys, ["eval", "--model", "micro-qwen3moe", "--data-dir", str(tmp_path / "nope")])
     assert "no such directory" in err
     with monkeypatch.context() as m:  # unreadable: root ignores permissions, so simulate what os.access reports
-        m.setattr("torchao_mobie.cli.os.access", lambda *a, **k: False)
+        m.setattr("torchao_mobie.cli.common.os.access", lambda *a, **k: False)
         err = cli_error(capsys, quantize_argv(tmp_path / "out", "--data-dir", str(tmp_path / "empty")))
     assert f"--data-dir {tmp_path / 'empty'}: directory is not readable" in err
     assert not (tmp_path / "out").exists()

@@ -249,11 +249,12 @@ def test_benchmark_dry_run():
         assert r.returncode != 0 and "needs a CUDA device" in (r.stdout + r.stderr)
 
 
-def test_experts_implementation_on_tiny_qwen3_moe():
-    """``set_experts_implementation("mobie_triton")`` matches the plain-PyTorch ``"mobie"`` path."""
+def test_experts_implementation_on_tiny_qwen3_moe(monkeypatch):
+    """The ``"mobie"`` experts implementation runs the fused Triton kernels when the dispatch picks Triton (here
+    forced: the interpreter on CPU), and matches its reference path."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-    from torchao_mobie.kernels import experts_forward_supported, register_experts_implementation
+    from torchao_mobie.kernels import dispatch
 
     cfg = Qwen3MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_experts=8,
@@ -262,14 +263,19 @@ def test_experts_implementation_on_tiny_qwen3_moe():
     ex = model.model.layers[0].mlp.experts
     ex.gate_up_proj = torch.nn.Parameter(make_weight(8, 64, 64, side="output", mean=True), requires_grad=False)
     ex.down_proj = torch.nn.Parameter(make_weight(8, 64, 32, side="input", plane2=2), requires_grad=False)
-    assert experts_forward_supported(ex)
+    calls = []
+    triton = dispatch.BACKENDS["triton"]
+    monkeypatch.setitem(dispatch.BACKENDS, "triton", dispatch.KernelBackend(
+        factor_mm=triton.factor_mm, moe=lambda *a, **k: calls.append(1) or triton.moe(*a, **k)))
     ids = torch.randint(0, 64, (1, 5))
+    model.set_experts_implementation("mobie")
     with torch.no_grad():
-        model.set_experts_implementation("mobie")
         ref = model(ids).logits
-        model.set_experts_implementation(register_experts_implementation())
-        got = model(ids).logits
-    _close(got, ref, "mobie_triton vs mobie")
+        assert not calls  # CPU tensors: the reference
+        with dispatch.use_backend("triton"):
+            got = model(ids).logits
+    assert calls  # the fused block kernels ran
+    _close(got, ref, "mobie on triton vs mobie on the reference")
 
 
 def test_empty_batch():

@@ -40,18 +40,21 @@ def test_parts_reconstruct_documented_formula(shape, dtype):
     W, H, _ = _problem(*shape)
     cfg = MoBiEConfig(backbone_dtype=dtype, glas=False, nges=False, side=C.choose_side(*shape[1:]))
     res = cfg.quantize_experts(W, H, context=QuantContext(projection="down_proj"))
-    for e, p in enumerate(res.parts):
-        assert p["sign"].dtype == torch.int8 and set(p["sign"].unique().tolist()) <= {-1, 1}
-        Q = p["row_scale"].float()[:, None] * p["sign"].float() * p["col_scale"].float()[None, :]
-        if p["sign2"] is not None:
-            Q = Q + p["row_scale"].float()[:, None] * p["sign2"].float() * p["col_scale2"].float()[None, :]
-        bb = p["backbone"]
-        assert bb["dtype"] == dtype
-        blocks = bb["blocks"].float() * (bb["scale"].float()[:, :, None] if dtype == "int8" else 1)
+    f = res.factors
+    for e in range(W.shape[0]):
+        p = f.experts(e)
+        assert p.sign.dtype == torch.int8 and set(p.sign.unique().tolist()) <= {-1, 1}
+        Q = p.row_scale[0].float()[:, None] * p.sign[0].float() * p.col_scale[0].float()[None, :]
+        if p.sign2 is not None:
+            Q = Q + p.row_scale[0].float()[:, None] * p.sign2[0].float() * p.col_scale2[0].float()[None, :]
+        bb = p.backbone
+        assert bb.dtype == dtype
+        blocks = bb.blocks.float() * (bb.scale.float()[:, :, None] if dtype == "int8" else 1)
         M = torch.block_diag(*blocks.unbind(0))
-        expect = M @ Q if p["side"] == "output" else Q @ M
+        expect = M @ Q if p.side == "output" else Q @ M
         torch.testing.assert_close(res.weight[e], expect, atol=1e-6, rtol=1e-6)
-    assert res.parts[0]["backbone"] is res.parts[1]["backbone"]  # shared, stored once
+        assert p.backbone is f.backbone  # shared by every expert, stored once
+    assert f.bit_budget().backbone_bits == f.backbone.bits()  # counted once
 
 
 def test_transformed_hessian_matches_layer_output_error():
@@ -244,20 +247,21 @@ def test_alternation_never_worsens_an_expert_with_almost_no_tokens():
     steps = [v for k, v in res.history if k != "stored"]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(steps, steps[1:])), res.history  # CG: float noise
     assert torch.isfinite(res.weight).all()
-    assert torch.isfinite(res.parts["row_scale"]).all() and torch.isfinite(res.parts["col_scale"]).all()
+    assert torch.isfinite(res.factors.row_scale).all() and torch.isfinite(res.factors.col_scale).all()
 
 
 def test_rank_damp_ridges_exactly_the_experts_with_singular_hessians():
     """An expert routed fewer tokens than its inputs has rank(H) <= tokens: its Hessian (and only its,
     fallback experts excepted) gets rank_damp * mean diag * I after the usual mixing."""
     from torchao_mobie.config import QuantContext
+    from torchao_mobie.methods.mobie import joint_hessians
 
     W, H, X = _problem(4, 24, 16, T=200)
     H[1] = X[1, :5].T @ X[1, :5] / 5  # 5 tokens for 16 inputs: singular
     H[3] = X[3, :3].T @ X[3, :3] / 3  # 3 tokens, but on the layer-level fallback Hessian in the pipeline
     ctx = QuantContext(projection="gate_up_proj", token_counts=torch.tensor([200, 5, 200, 3]), fallback_experts=[3])
-    plain = MoBiEConfig(glas=False, rank_damp=0.0)._hessians(H, ctx)
-    damped = MoBiEConfig(glas=False, rank_damp=0.01)._hessians(H, ctx)
+    plain = joint_hessians(MoBiEConfig(glas=False, rank_damp=0.0), H, ctx)
+    damped = joint_hessians(MoBiEConfig(glas=False, rank_damp=0.01), H, ctx)
     torch.testing.assert_close(damped[[0, 2, 3]], plain[[0, 2, 3]], rtol=0, atol=0)
     ridge = 0.01 * plain[1].diagonal().mean() * torch.eye(16)
     torch.testing.assert_close(damped[1], plain[1] + ridge)
@@ -301,7 +305,7 @@ def test_nges_metric_reduces_router_component():
 
 
 def test_glas_weights_match_autograd():
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model
@@ -415,7 +419,7 @@ def test_end_to_end_micro_better_than_sign():
 def test_glas_weights_do_not_depend_on_the_run_with_several_threads():
     """With 2 CPU threads the MoE backward's index accumulation summed in a run-dependent order, so the
     same calibration gave different GLAS weights (and quantized models) from run to run."""
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model
@@ -438,7 +442,7 @@ def test_glas_weights_do_not_depend_on_the_run_with_several_threads():
 
 def test_glas_weights_do_not_depend_on_how_sequences_are_batched():
     """Held-back sequences form smaller batches; a token's GLAS weight must not change with its batch."""
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights
     from torchao_mobie.integrations.transformers import discover_moe_layout
     from torchao_mobie.zoo import load_zoo_model

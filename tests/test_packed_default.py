@@ -14,7 +14,7 @@ import torch
 
 import torchao_mobie.storage as S
 from torchao_mobie import MoBiEConfig, quantize_, quantize_model
-from torchao_mobie.api import quantization_marker
+from torchao_mobie.marker import quantization_marker
 from torchao_mobie.integrations.transformers import discover_moe_layout
 
 
@@ -55,7 +55,7 @@ def test_quantize_model_packs_by_default(both):
     for e in experts:
         for p in ("gate_up_proj", "down_proj"):
             assert isinstance(getattr(e.module, p), S.MoBiETensor), f"{e.fqn}.{p}"
-        assert not getattr(e.module, "_mobie_parts", None)  # the explicit representation is not kept twice
+        assert not getattr(e.module, "_mobie_factors", None)  # the stored form is not kept twice
     assert packed.config._experts_implementation == "mobie"
     assert packed.config.quantization_config.quant_method == "mobie"
     assert [m["storage"] for m in quantization_marker(packed)] == ["packed"]

@@ -30,9 +30,9 @@ def test_more_planes_lower_the_layer_error():
 def test_planes_pack_bit_exact_and_count_their_bits(side, planes, salient, bdt):
     W, H = _problem(seed=planes)
     res = C.cejd_quantize(W, H, side=side, rounds=2, planes=planes, salient_cols=salient, backbone_dtype=bdt)
-    assert res.parts["sign_x"].shape == (W.shape[0], planes - 1, *W.shape[1:])
-    assert torch.equal(C.reconstruct(res.parts), res.weight)
-    t = S.MoBiETensor.from_parts(res.parts, torch.float32)
+    assert res.factors.sign_x.shape == (W.shape[0], planes - 1, *W.shape[1:])
+    assert torch.equal(C.reconstruct(res.factors), res.weight)
+    t = S.MoBiETensor.from_parts(res.factors, torch.float32)
     assert t.extra_planes == planes - 1 and torch.equal(t.dequantize(), res.weight)
     b = t.bit_budget()
     assert b.all_inclusive_bits == pytest.approx(res.bits.all_inclusive_bits, rel=1e-12)
@@ -42,10 +42,9 @@ def test_planes_pack_bit_exact_and_count_their_bits(side, planes, salient, bdt):
     ids = torch.tensor([0, 2, 2, 1, 0, 0, 2, 1, 1])
     y = t.backbone_output(t.factor_mm(t.backbone_input(x), ids))
     torch.testing.assert_close(y, torch.einsum("sn,smn->sm", x, res.weight[ids]), rtol=1e-5, atol=1e-5)
-    # per-expert parts (what MoBiEConfig.quantize_experts hands to the packer)
-    p = res.parts
-    per = [{k: (v[e] if torch.is_tensor(v) and k != "backbone" else v) for k, v in p.items()} for e in range(3)]
-    assert torch.equal(S.MoBiETensor.from_parts(per, torch.float32).dequantize(), res.weight)
+    # the experts' factors taken apart and joined again pack to the same weight
+    per = [res.factors.experts(e) for e in range(3)]
+    assert torch.equal(S.MoBiETensor.from_parts(type(res.factors).cat(per), torch.float32).dequantize(), res.weight)
 
 
 def test_planes_through_the_model_and_checkpoints(micro, tmp_path):
@@ -60,7 +59,7 @@ def test_planes_through_the_model_and_checkpoints(micro, tmp_path):
     model.set_experts_implementation("eager")
     with torch.no_grad():
         ref = model(ids).logits
-    S.pack_model(model, {k: r.parts for k, r in res.items()})
+    S.pack_model(model, {k: r.factors for k, r in res.items()})
     assert model.model.layers[0].mlp.experts.down_proj.extra_planes == 2
     for impl in ("mobie", "grouped_mm", "eager"):
         model.set_experts_implementation(impl)

@@ -22,10 +22,10 @@ def test_bits_estimate_matches_the_stored_bits(side, sal, planes):
     W, H = torch.randn(E, m, n, generator=g), _spd(E, n, g)
     res = C.cejd_quantize(W, H, side=side, backbone_dtype="int8", rounds=1, salient_cols=sal, planes=planes)
     assert bits_estimate(E, m, n, side, "int8", sal, planes) == pytest.approx(res.bits.all_inclusive_bits, rel=1e-9)
-    assert (res.parts.get("sign_x") is not None) == (planes > 1)
+    assert (res.factors.sign_x is not None) == (planes > 1)
     # a second plane exists on the output side and without a backbone too
-    assert (res.parts["sign2"] is not None) == (sal > 0)
-    torch.testing.assert_close(res.weight, C.reconstruct(res.parts))
+    assert (res.factors.sign2 is not None) == (sal > 0)
+    torch.testing.assert_close(res.weight, C.reconstruct(res.factors))
 
 
 def test_candidates_fill_the_budget_with_full_planes_then_salient_columns():
@@ -87,14 +87,14 @@ def test_mobie_chooses_the_layout_from_held_back_error(kind, expect):
     W = _experts(kind)
     H, ctx = _held_back_context(W, g)
     res = MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx)
-    assert res.parts[0]["side"] in expect
+    assert res.factors.side in expect
     assert res.bits.all_inclusive_bits <= 1.9
     # the chosen layout is never worse than per-expert factors at the same budget (held-back error)
     alone = MoBiEConfig(max_bits=1.9, cejd=False).quantize_experts(W, H, context=ctx)
     assert ctx.judge(res.weight).sum() <= 1.02 * ctx.judge(alone.weight).sum()
     # without a judge (torchao's observe/convert flow) per-expert factors, no candidate fits
     ctx.judge = None
-    assert MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx).parts[0]["side"] == "none"
+    assert MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx).factors.side == "none"
 
 
 def test_collector_keeps_the_held_back_tokens_apart():
@@ -185,7 +185,7 @@ def test_later_layers_only_try_the_layouts_that_won():
     try:
         for layer in range(3):
             H, ctx = _held_back_context(W, g, memory=memory, name=f"l{layer}")
-            assert cfg.quantize_experts(W, H, context=ctx).parts[0]["side"] == "none"
+            assert cfg.quantize_experts(W, H, context=ctx).factors.side == "none"
             per_layer.append(len(fits) - sum(per_layer))
     finally:
         cejd_module.cejd_quantize = real
@@ -195,7 +195,7 @@ def test_later_layers_only_try_the_layouts_that_won():
 
 
 def test_hold_back_moves_every_fourth_sequence_into_batches_of_its_own():
-    from torchao_mobie.api import _Batch
+    from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.heldback import hold_back
 
     ids = torch.arange(10)[:, None].repeat(1, 3)

@@ -12,6 +12,7 @@ bf16-vs-fp32 of the fake-quant model itself); not tested here. Compiled (inducto
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -27,10 +28,10 @@ RTOL_LOGITS = 1e-4  # max |Δ logits| / max |logits|
 
 def _binarize(model, *, salient=2, backbone_dtype="int8", rounds=1):
     """Data-free CEJD on every experts projection: writes the fake-quant weight (as MoBiE does) and
-    returns ``{param fqn: (parts, BitBudget)}``."""
+    returns ``{param fqn: (factors, BitBudget)}``."""
     res = S.binarize_experts_data_free(model, lambda W, H, name, p: C.cejd_quantize(
         W, H, backbone_dtype=backbone_dtype, rounds=rounds, salient_cols=salient))
-    return {k: (r.parts, r.bits) for k, r in res.items()}
+    return {k: (r.factors, r.bits) for k, r in res.items()}
 
 
 def _logits(model, ids, impl):
@@ -103,18 +104,22 @@ def test_dequantize_bit_exact(shape, side, salient, bdt):
     res = C.cejd_quantize(W, torch.eye(n).repeat(E, 1, 1), side=side, backbone_dtype=bdt, rounds=1,
                           salient_cols=salient)
     for dtype in (torch.float32, torch.bfloat16):
-        t = S.MoBiETensor.from_parts(res.parts, dtype=dtype)
+        t = S.MoBiETensor.from_parts(res.factors, dtype=dtype)
         assert t.shape == W.shape and t.dtype == dtype
         assert torch.equal(t.dequantize(torch.float32), res.weight)  # same fp32 values
         assert torch.equal(t.dequantize(), res.weight.to(dtype))
-    # per-expert list form (MoBiEConfig.quantize_experts' BinarizedExperts.parts)
-    p = res.parts
-    per = [{"side": p["side"], "backbone": p["backbone"], "sign": p["sign"][e], "row_scale": p["row_scale"][e],
-            "col_scale": p["col_scale"][e], "sign2": None if p["sign2"] is None else p["sign2"][e],
-            "col_scale2": None if p["col_scale2"] is None else p["col_scale2"][e]} for e in range(E)]
+    # the dict form of the public boundary: a list of per-expert dicts with fp16 scales (no codes)
+    f = res.factors
+    bb = None if f.backbone is None else {"blocks": f.backbone.blocks, "scale": f.backbone.scale}
+    per = [{"side": f.side, "backbone": bb, "sign": f.sign[e], "row_scale": f.row_scale[e],
+            "col_scale": f.col_scale[e], "sign2": None if f.sign2 is None else f.sign2[e],
+            "col_scale2": None if f.col_scale2 is None else f.col_scale2[e]} for e in range(E)]
     assert torch.equal(S.MoBiETensor.from_parts(per, dtype=torch.float32).dequantize(), res.weight)
+    # per-expert factors joined again pack to the same tensor
+    joined = type(f).cat([f.experts(e) for e in range(E)])
+    assert torch.equal(S.MoBiETensor.from_parts(joined, dtype=torch.float32).qdata, S.MoBiETensor.from_parts(f).qdata)
     # expert selection (eager path) dequantizes only the selected experts
-    t = S.MoBiETensor.from_parts(res.parts, dtype=torch.float32)
+    t = S.MoBiETensor.from_parts(res.factors, dtype=torch.float32)
     torch.testing.assert_close(t[E - 1], res.weight[E - 1], rtol=1e-6, atol=1e-6)
     sel = torch.tensor([E - 1, 0, E - 1])
     torch.testing.assert_close(t[sel], res.weight[sel], rtol=1e-6, atol=1e-6)
@@ -123,11 +128,18 @@ def test_dequantize_bit_exact(shape, side, salient, bdt):
 def test_from_parts_validation():
     W = torch.randn(2, 8, 8)
     res = C.cejd_quantize(W, torch.eye(8).repeat(2, 1, 1), side="output", rounds=1)
-    bad = dict(res.parts, row_scale=res.parts["row_scale"][:, :4])
+    f = res.factors
+    parts = {"side": f.side, "sign": f.sign, "row_scale": f.row_scale, "col_scale": f.col_scale,
+             "backbone": {"blocks": f.backbone.blocks, "scale": f.backbone.scale}}
+    S.MoBiETensor.from_parts(parts)  # the dict form packs
     with pytest.raises(ValueError, match="row_scale"):
-        S.MoBiETensor.from_parts(bad)
+        S.MoBiETensor.from_parts(dict(parts, row_scale=f.row_scale[:, :4]))
     with pytest.raises(ValueError, match="backbone"):
-        S.MoBiETensor.from_parts(dict(res.parts, backbone=None))
+        S.MoBiETensor.from_parts(dict(parts, backbone=None))
+    with pytest.raises(ValueError, match="row_scale .* does not match its 8-bit codes"):
+        S.MoBiETensor.from_parts(dataclasses.replace(f, row_scale=f.row_scale * 2))
+    with pytest.raises(TypeError, match="CEJDFactors, a dict"):
+        S.MoBiETensor.from_parts("sign")
 
 
 def test_mobie_config_parts_pack():
@@ -139,9 +151,9 @@ def test_mobie_config_parts_pack():
         W = torch.randn(*shape, generator=g)
         res = MoBiEConfig(glas=False, nges=False, rounds=1, refine=0).quantize_experts(
             W, torch.eye(shape[2]).repeat(shape[0], 1, 1))
-        t = S.MoBiETensor.from_parts(res.parts, dtype=torch.float32)
+        t = S.MoBiETensor.from_parts(res.factors, dtype=torch.float32)
         assert torch.equal(t.dequantize(), res.weight.float())
-        assert t.storage_bytes() * 8 == _stored_bits(res.bits) + t.padding_bits()
+        assert t.storage_bytes() * 8 == res.bits.stored_bits + t.padding_bits()
         assert t.padding_bits() == (0 if shape[2] % 32 == 0 else t.padding_bits())
 
 
@@ -197,7 +209,7 @@ def _tiny(family: str, hidden: int, inter: int):
 def test_impls_tiny_families(family, hidden, inter):
     model = _tiny(family, hidden, inter)
     parts = _binarize(model, salient=2)
-    sides = {k.rsplit(".", 1)[1] + ":" + v[0]["side"] for k, v in parts.items()}
+    sides = {k.rsplit(".", 1)[1] + ":" + v[0].side for k, v in parts.items()}
     pm = copy.deepcopy(model)
     S.pack_model(pm, {k: v[0] for k, v in parts.items()})
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -218,9 +230,9 @@ def test_mobie_skips_unused_experts(packed_micro, monkeypatch):
         seen.append(tuple(words.shape))
         return real(words, n, dtype)
 
-    import torchao_mobie.storage.mobie_tensor as mt
+    import torchao_mobie.kernels.reference as ref
 
-    monkeypatch.setattr(mt, "unpack_signs", spy)
+    monkeypatch.setattr(ref, "unpack_signs", spy)
     x = torch.randn(3, ex.hidden_dim)
     idx = torch.tensor([[1, 4], [4, 1], [1, 4]])
     w = torch.full((3, 2), 0.5)
@@ -258,10 +270,6 @@ def test_grouped_mm_runs_packed(packed_micro, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def _stored_bits(b):
-    return b.sign_bits + b.bitmap_bits + b.group_bitmap_bits + b.param_bits + b.backbone_bits
-
-
 def test_memory_equals_bit_accounting(packed_micro):
     fq, pm, parts, _ = packed_micro
     total = 0
@@ -269,8 +277,8 @@ def test_memory_equals_bit_accounting(packed_micro):
         mod, p = fqn.rsplit(".", 1)
         t = getattr(pm.get_submodule(mod), p)
         assert t.padding_bits() == 0  # micro dims are multiples of 32
-        assert t.storage_bytes() * 8 == _stored_bits(bits) == _stored_bits(t.bit_budget())
-        total += _stored_bits(bits)
+        assert t.storage_bytes() * 8 == bits.stored_bits == t.bit_budget().stored_bits
+        total += bits.stored_bits
     r = S.memory_report(pm)
     assert r.experts_bytes * 8 == total == r.experts_budget_bytes * 8
     assert r.packed_parameters == len(parts)
@@ -473,7 +481,7 @@ def test_mobie_impl_bias_and_ungated(has_gate, has_bias):
     for name in ("gate_up_proj" if has_gate else "up_proj", "down_proj"):
         W = getattr(ex, name).detach()
         res = C.cejd_quantize(W, torch.eye(W.shape[2]).repeat(E, 1, 1), rounds=1, salient_cols=2)
-        setattr(ex, name, nn.Parameter(S.MoBiETensor.from_parts(res.parts, dtype=torch.float32), requires_grad=False))
+        setattr(ex, name, nn.Parameter(S.MoBiETensor.from_parts(res.factors, dtype=torch.float32), requires_grad=False))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, H, generator=g)
     idx = torch.randint(0, E, (6, 2), generator=g)

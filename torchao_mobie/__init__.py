@@ -18,11 +18,9 @@ torchao-native::
 
 from importlib.metadata import PackageNotFoundError, version as _dist_version
 
-from .api import QuantizationReport, moe_experts_filter, quantize_, quantize_model
-from .baselines import ARBLLMConfig, BiLLMConfig, HBLLMConfig, SignBinaryConfig
-from .config import BinarizationConfig, Scope
-from .mobie import MoBiEConfig
-from . import storage  # registers the "mobie" experts implementation and HF quantizer (packed models)
+from . import registrations  # noqa: F401  (HF quantizer, experts implementation, torchao handlers: one module)
+from .config import ARBLLMConfig, BiLLMConfig, BinarizationConfig, HBLLMConfig, MoBiEConfig, Scope, SignBinaryConfig
+from .pipeline import QuantizationReport, moe_experts_filter, quantize_, quantize_model
 
 try:
     __version__ = _dist_version("torchao_mobie")

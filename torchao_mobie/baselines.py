@@ -2,22 +2,18 @@
 
 All are fake-quant, always (dequantized weights written back in the original dtype; no memory saved; they
 have no packed format and no ``packed`` switch, unlike :class:`~torchao_mobie.mobie.MoBiEConfig`); the
-storage a packed format would need is reported in both bit conventions. Each is a torchao
-``AOBaseConfig`` registered with ``quantize_`` through :class:`~torchao_mobie.config.BinarizationConfig`.
+storage a packed format would need is reported in both bit conventions. Each is a plain torchao
+``AOBaseConfig`` dataclass with validation that calls its algorithm (:mod:`torchao_mobie.algorithms`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchao.core.config import ALLOWED_AO_MODULES
-
-from .config import BinarizationConfig, BinarizedExperts, _algorithms, _check_int
+from . import algorithms
+from .methods.base import BinarizationConfig, BinarizedExperts, check_int
 
 __all__ = ["SignBinaryConfig", "BiLLMConfig", "ARBLLMConfig", "HBLLMConfig"]
-
-# torchao's config (de)serialization only resolves classes from allow-listed modules.
-ALLOWED_AO_MODULES.add(__name__)
 
 
 @dataclass
@@ -29,7 +25,7 @@ class SignBinaryConfig(BinarizationConfig):
     """
 
     def binarize_matrix(self, W, H):
-        return _algorithms().sign_quantize(W, H)
+        return algorithms.sign_quantize(W, H)
 
 
 @dataclass
@@ -52,7 +48,7 @@ class BiLLMConfig(BinarizationConfig):
             raise ValueError(f"BiLLMConfig.salient_metric must be 'hessian' or 'magnitude', got {self.salient_metric!r}")
 
     def binarize_matrix(self, W, H):
-        return _algorithms().billm_quantize(W, H, blocksize=self.blocksize, percdamp=self.percdamp,
+        return algorithms.billm_quantize(W, H, blocksize=self.blocksize, percdamp=self.percdamp,
                                             salient_metric=self.salient_metric)
 
 
@@ -82,10 +78,10 @@ class ARBLLMConfig(BinarizationConfig):
             raise ValueError(f"ARBLLMConfig.variant must be one of 'arb', 'x', 'rc', got {self.variant!r}")
         if not isinstance(self.cgb, bool):
             raise ValueError(f"ARBLLMConfig.cgb must be a bool, got {self.cgb!r}")
-        _check_int("ARBLLMConfig", "iters", self.iters, 0)
+        check_int("ARBLLMConfig", "iters", self.iters, 0)
 
     def binarize_matrix(self, W, H):
-        return _algorithms().arb_quantize(W, H, variant=self.variant, cgb=self.cgb, iters=self.iters,
+        return algorithms.arb_quantize(W, H, variant=self.variant, cgb=self.cgb, iters=self.iters,
                                           blocksize=self.blocksize, percdamp=self.percdamp)
 
 
@@ -123,18 +119,18 @@ class HBLLMConfig(BinarizationConfig):
                                     ("salient_metric", ("l2", "l1"))):
             if getattr(self, field_name) not in allowed:
                 raise ValueError(f"HBLLMConfig.{field_name} must be one of {allowed}, got {getattr(self, field_name)!r}")
-        _check_int("HBLLMConfig", "salient_up_lim", self.salient_up_lim, 2)
+        check_int("HBLLMConfig", "salient_up_lim", self.salient_up_lim, 2)
 
     def _kwargs(self):
         return dict(haar=self.haar, group_partition=self.group_partition, salient_metric=self.salient_metric,
                     salient_up_lim=self.salient_up_lim, blocksize=self.blocksize, percdamp=self.percdamp)
 
     def binarize_matrix(self, W, H):
-        return _algorithms().hbllm_quantize(W, H, **self._kwargs())
+        return algorithms.hbllm_quantize(W, H, **self._kwargs())
 
     def quantize_experts(self, W3d, H3d, *, context=None):
         """Every expert of the projection in one vectorized call (``[E, out, in]``)."""
         self._check_expert_shapes(W3d, H3d)
         name = context.name if context is not None and context.name else "experts"
-        res = _algorithms().hbllm_quantize(W3d.float(), H3d.float(), name=name, **self._kwargs())
-        return BinarizedExperts(res.weight, res.bits, [{} for _ in range(W3d.shape[0])])
+        res = algorithms.hbllm_quantize(W3d.float(), H3d.float(), name=name, **self._kwargs())
+        return BinarizedExperts(res.weight, res.bits)

@@ -1,23 +1,18 @@
 """MoBiE's config: the method's switches, its bit budget and how each projection spends it.
 
-Registered with torchao's ``quantize_`` through :class:`~torchao_mobie.config.BinarizationConfig`; the
-algorithms live in :mod:`torchao_mobie.algorithms` (``cejd``, ``nges``, ``planner``) and the calibration
-statistics in :mod:`torchao_mobie.calibration`.
+A plain dataclass with validation; the method itself is :mod:`torchao_mobie.methods.mobie` (the algorithms:
+:mod:`torchao_mobie.algorithms` ``cejd``, ``nges``, ``planner``; the statistics: :mod:`torchao_mobie.calibration`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torchao.core.config import ALLOWED_AO_MODULES
-
 from .algorithms.result import BinarizedWeight
-from .config import BinarizationConfig, BinarizedExperts, QuantContext, _check_int
+from .methods import mobie as _method
+from .methods.base import BinarizationConfig, BinarizedExperts, QuantContext, check_int
 
 __all__ = ["MoBiEConfig"]
-
-# torchao's config (de)serialization only resolves classes from allow-listed modules.
-ALLOWED_AO_MODULES.add(__name__)
 
 _BACKBONE_DTYPES = ("auto", "bfloat16", "int8", "float32")
 
@@ -128,21 +123,9 @@ class MoBiEConfig(BinarizationConfig):
     on qwen3moe-32e / mixtral-8e layer and end-to-end measurements (glas_lambda=1.0 was catastrophic:
     gap 0.18 vs 0.04; more rounds/refine lower the calibration error a little and cost time).
 
-    Representation (``BinarizedExperts.parts[e]``, see :func:`torchao_mobie.algorithms.cejd.reconstruct`)::
-
-        Q_e = row_scale[:, None] * (sign * col_scale[None, :] + Σ_p sign_x[p] * col_scale_x[p][None, :]
-                                    + sign2 * col_scale2[None, :])
-        W_hat[e] = backbone_matrix(backbone) @ Q_e    (side "output")
-        W_hat[e] = Q_e @ backbone_matrix(backbone)    (side "input")
-        W_hat[e] = Q_e                                (side "none": cejd=False)
-
-    signs int8 ±1; scales fp16, decoded from the stored 8-bit log codes (``row_code``, ``col_code``,
-    ``col_code2``, ``col_code_x [P, n]`` with the expert's ``scale_grid [3 + P, 2]``:
-    :mod:`torchao_mobie.algorithms.scale_codes`); ``sign_x [P, m, n]``/``col_scale_x`` the further full planes
-    (None with one plane); ``sign2``/``col_scale2`` None or zero outside the salient columns; the
-    backbone dict (``blocks [nb, k, k]`` in its stored dtype, ``dtype``, ``scale`` = fp16 per-row scale
-    for int8, ``side``) is one object shared by every expert of the projection and counted once in
-    ``BitBudget.backbone_bits``; salient-column bitmaps in ``bitmap_bits``.
+    Representation: ``BinarizedExperts.factors``, a :class:`~torchao_mobie.algorithms.factors.CEJDFactors`
+    (per-expert binary factors with 8-bit log-coded scales, optional further full planes and salient plane,
+    the shared backbone stored once; its docstring has the formula).
     """
 
     packed: bool = True
@@ -182,24 +165,24 @@ class MoBiEConfig(BinarizationConfig):
             raise ValueError(f"{n}.side must be 'auto', 'input' or 'output', got {self.side!r}")
         if self.backbone_dtype not in _BACKBONE_DTYPES:
             raise ValueError(f"{n}.backbone_dtype must be one of {_BACKBONE_DTYPES}, got {self.backbone_dtype!r}")
-        _check_int(n, "gate_up_blocks", self.gate_up_blocks, 1)
-        _check_int(n, "rounds", self.rounds, 1)
-        _check_int(n, "scale_rounds", self.scale_rounds, 1)
-        _check_int(n, "refine", self.refine, 0)
-        _check_int(n, "polish", self.polish, 0)
+        check_int(n, "gate_up_blocks", self.gate_up_blocks, 1)
+        check_int(n, "rounds", self.rounds, 1)
+        check_int(n, "scale_rounds", self.scale_rounds, 1)
+        check_int(n, "refine", self.refine, 0)
+        check_int(n, "polish", self.polish, 0)
         if self.hdamp is not None and (isinstance(self.hdamp, bool) or not isinstance(self.hdamp, (int, float))
                                        or self.hdamp < 0):
             raise ValueError(f"{n}.hdamp must be None or a float >= 0, got {self.hdamp!r}")
         if isinstance(self.rank_damp, bool) or not isinstance(self.rank_damp, (int, float)) or self.rank_damp < 0:
             raise ValueError(f"{n}.rank_damp must be a float >= 0, got {self.rank_damp!r}")
         if self.salient_cols is not None:
-            _check_int(n, "salient_cols", self.salient_cols, 0)
+            check_int(n, "salient_cols", self.salient_cols, 0)
         if self.glas_samples is not None:
-            _check_int(n, "glas_samples", self.glas_samples, 1)
+            check_int(n, "glas_samples", self.glas_samples, 1)
         if isinstance(self.glas_power, bool) or not isinstance(self.glas_power, (int, float)) or not (
                 0 < self.glas_power <= 1):
             raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
-        _check_int(n, "select_probe", self.select_probe, 0)
+        check_int(n, "select_probe", self.select_probe, 0)
         if isinstance(self.select_margin, bool) or not isinstance(self.select_margin, (int, float)) or \
                 not self.select_margin >= 0:
             raise ValueError(f"{n}.select_margin must be a float >= 0, got {self.select_margin!r}")
@@ -223,125 +206,9 @@ class MoBiEConfig(BinarizationConfig):
         """True when the plan is chosen among layouts, by the error on held-back calibration tokens."""
         return self.cejd and self.side == "auto" and self.select
 
-    def _hessians(self, H3d, context, counts=None):
-        """Per-expert Hessians of the joint objective (usage kept, GLAS-mixed, ridged where singular)."""
-        from .calibration.hessian import joint_expert_metric
-
-        data_free = context is None or context.data_free
-        if counts is None and not data_free:
-            counts = context.token_counts
-        return joint_expert_metric(
-            H3d, None if data_free else counts, guided=None if context is None else context.guided_hessian,
-            glas_lambda=self.glas_lambda if self.glas else 0.0, rank_damp=self.rank_damp,
-            fallback_experts=() if context is None else context.fallback_experts)
-
-    def _fit_hessians(self, H, context):
-        """The Hessians of the candidate fits: the calibration sequences that were not held back."""
-        split = None if context is None else context.calibration_split
-        if split is None:
-            return H
-        fit, fc = split
-        return self._hessians(fit, context, counts=fc)
-
-    @property
-    def _dtype(self) -> str:
-        return "int8" if self.backbone_dtype == "auto" else self.backbone_dtype
-
-    def _sides(self, E, m, n, cap) -> list[str]:
-        from .algorithms.cejd import choose_side
-        from .algorithms.planner import bits_estimate
-
-        if not self.cejd:
-            return ["none"]
-        if self.side != "auto":
-            return [self.side]
-        if self.select:
-            return ["input", "output", "none"]
-        # the fixed rule: input side when its backbone leaves room for second planes, else the cheaper
-        return ["input" if bits_estimate(E, m, n, "input", self._dtype) + 0.1 <= cap else choose_side(m, n)]
-
-    def _gate_up_bits(self, E, hidden, inter, cap) -> float:
-        from .algorithms.planner import gate_up_target
-
-        return gate_up_target(E, hidden, inter, cap, self._sides(E, hidden, inter, cap), self._dtype)
-
-    def _plans(self, E, m, n, cap):
-        from .algorithms.planner import plan_candidates
-
-        return plan_candidates(E, m, n, cap, self._sides(E, m, n, cap), self._dtype, self.salient_cols)
-
-    def _fit_kwargs(self, plan, E, projection, G):
-        blocks = self.gate_up_blocks if (plan.side == "output" and projection == "gate_up_proj") else 1
-        hdamp = self.hdamp if self.hdamp is not None else (1.0 if (E < 16 and plan.side == "input") else 0.0)
-        return dict(side=plan.side, blocks=blocks, G=G, backbone_dtype=plan.dtype, scale_rounds=self.scale_rounds,
-                    percdamp=self.percdamp, salient_cols=plan.salient, hdamp=hdamp, planes=plan.planes)
-
     def quantize_experts(self, W3d, H3d, *, context: QuantContext | None = None) -> BinarizedExperts:
-        from .algorithms import cejd as C
-        from .algorithms.planner import DOWN_SLACK, MARGIN, select_plan
+        """Plan and fit one projection (:func:`torchao_mobie.methods.mobie.quantize_experts`)."""
+        return _method.quantize_experts(self, W3d, H3d, context)
 
-        W = W3d.float()
-        H = self._hessians(H3d, context)
-        E, m, n = W.shape
-        projection = "weight" if context is None else context.projection
-        G = None
-        if self.nges and self.nges_mu > 0 and projection == "down_proj" and context is not None:
-            routers = getattr(context, "downstream_routers", None)
-            if routers:
-                from .algorithms.nges import router_metric
-
-                G = router_metric(routers, mu=self.nges_mu, decay=self.nges_decay).to(W.device)
-        cap = self.max_bits if self.max_bits is not None else (1.5 if E >= 16 else 2.2)
-        # the budget is per layer (gate_up holds 2/3 of the expert weights): down_proj's second planes first
-        if projection == "gate_up_proj":
-            plans = self._plans(E, m, n, self._gate_up_bits(E, n, m // 2, cap) + MARGIN)
-        elif projection == "down_proj":
-            g_bits = None if context is None else context.sibling_bits
-            if g_bits is None:  # gate_up not binarized here: what it would take at most
-                g_bits = max(p.bits for p in self._plans(E, 2 * n, m, self._gate_up_bits(E, m, n, cap) + MARGIN))
-            plans = self._plans(E, m, n, 3 * cap - 2 * g_bits - DOWN_SLACK)
-        else:
-            plans = self._plans(E, m, n, cap)
-        full = dict(rounds=self.rounds, refine=self.refine, polish=self.polish)
-        res = None
-        memory = None if context is None or context.plan_memory is None else \
-            context.plan_memory.setdefault(projection, {"probed": 0, "won": {"none"}})
-        if memory is not None and memory["probed"] >= self.select_probe:
-            # after the probe layers only the layouts that won somewhere stay candidates
-            plans = [p for p in plans if p.side in memory["won"]] or plans[-1:]
-        if len(plans) > 1 and (context is None or context.judge is None):
-            # no held-back sequences to judge by (torchao's observe/convert flow, data-free): in-sample errors
-            # favour the layouts with more parameters, so per-expert factors, which won wherever measured
-            plans = [p for p in plans if p.side == "none"] or plans
-        if len(plans) > 1:
-            # every layout is fit in full (one cheap alternation misranks them: the joint backbones need
-            # their refits) on the fit part and judged on the held-back part
-            Hfit = self._fit_hessians(H, context)
-            plan, res, _ = select_plan(
-                plans, lambda p: C.cejd_quantize(W, Hfit, **full, **self._fit_kwargs(p, E, projection, G)),
-                lambda r: context.judge(r.weight), context.name, z=self.select_margin)
-            if Hfit is not H and self.select_refit:
-                res = None
-            if memory is not None:
-                memory["probed"] += 1
-                memory["won"].add(plan.side)
-        else:
-            plan = plans[0]
-        if res is None:
-            res = C.cejd_quantize(W, H, **full, **self._fit_kwargs(plan, E, projection, G))
-        p = res.parts
-        per_expert = ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "row_code", "col_code", "col_code2",
-                      "scale_grid", "sign_x", "col_scale_x", "col_code_x")
-        parts = [{"side": p["side"], "backbone": p["backbone"],
-                  **{k: None if p.get(k) is None else p[k][e] for k in per_expert}}
-                 for e in range(E)]
-        return BinarizedExperts(res.weight, res.bits, parts)
-
-    def binarize_matrix(self, W, H):
-        from .algorithms import cejd as C
-
-        n = W.shape[1]
-        res = C.cejd_quantize(W.float()[None], H.float()[None], side="none", rounds=1, scale_rounds=self.scale_rounds,
-                              percdamp=self.percdamp, refine=self.refine,
-                              salient_cols=self.salient_cols if self.salient_cols is not None else n // 16)
-        return BinarizedWeight(res.weight[0], res.bits, {k: v for k, v in res.parts.items()})
+    def binarize_matrix(self, W, H) -> BinarizedWeight:
+        return _method.binarize_matrix(self, W, H)

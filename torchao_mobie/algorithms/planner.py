@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 
-from .scale_codes import CODE_BITS, GRID_FP16_PER_EXPERT
+from .factors import backbone_bits, factor_bits
+from .scale_codes import CODE_BITS
 
 __all__ = ["DOWN_SLACK", "MARGIN", "MAX_PLANES", "Plan", "bits_estimate", "gate_up_target", "plan_candidates", "select_plan"]
 
@@ -41,18 +42,12 @@ class Plan:
 
 
 def bits_estimate(E: int, m: int, n: int, side: str, dtype: str, salient: int = 0, planes: int = 1) -> float:
-    """All-inclusive bits per weight: signs, 8-bit row and column scale codes with their per-expert grid,
-    the backbone (input side n×n, output side m×m) shared by E experts, ``planes - 1`` further full planes
-    (signs, column codes, grid) and ``salient`` columns of a last plane (their signs, codes and the column
-    bitmap)."""
-    scales = (CODE_BITS * (m + n) + 16 * GRID_FP16_PER_EXPERT) / (m * n)
-    extra = (planes - 1) * (m * n + CODE_BITS * n + 32) / (m * n)
-    second = 0.0 if salient <= 0 else (salient * (m + CODE_BITS) + n) / (m * n)
-    if side == "none":
-        return 1 + scales + extra + second
-    k = m if side == "output" else n
-    per = {"bfloat16": 16, "float32": 32, "int8": 8}[dtype]
-    return 1 + scales + extra + second + (per * k * k + (16 * k if dtype == "int8" else 0)) / (E * m * n)
+    """All-inclusive bits per weight a layout will store, before fitting it: the stored-bit formula
+    (:func:`~.factors.factor_bits`) for ``planes`` full planes, ``salient`` salient columns per expert and
+    a one-block backbone (input side n×n, output side m×m) shared by the ``E`` experts."""
+    k = {"none": 0, "output": m, "input": n}[side]
+    bb = backbone_bits(1, k, dtype) if k else 0
+    return factor_bits(E, m, n, planes=planes, salient_slots=E * max(0, salient), backbone=bb).all_inclusive_bits
 
 
 def plan_candidates(E: int, m: int, n: int, cap: float, sides, dtype: str, salient: int | None = None) -> list[Plan]:

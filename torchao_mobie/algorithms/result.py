@@ -7,7 +7,7 @@ value too. Every reported figure names its convention.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -42,10 +42,14 @@ class BitBudget:
         return (self.sign_bits + self.bitmap_bits) / max(1, self.n_weights)
 
     @property
+    def stored_bits(self) -> int:
+        """Every stored bit: planes, all bitmaps, scales/means, shared backbone."""
+        return self.sign_bits + self.bitmap_bits + self.group_bitmap_bits + self.param_bits + self.backbone_bits
+
+    @property
     def all_inclusive_bits(self) -> float:
         """Every stored bit per weight: planes, all bitmaps, scales/means, shared backbone."""
-        stored = self.sign_bits + self.bitmap_bits + self.group_bitmap_bits + self.param_bits + self.backbone_bits
-        return stored / max(1, self.n_weights)
+        return self.stored_bits / max(1, self.n_weights)
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -57,10 +61,10 @@ class BitBudget:
 class BinarizedWeight:
     """A binarized ``[out, in]`` matrix: its dequantized value (fp32) and its storage cost.
 
-    ``parts`` optionally keeps the explicit representation (sign planes, scales, masks) for packed
-    storage; algorithms that only exist as fake-quant leave it empty.
+    ``factors`` keeps the stored form (:class:`~torchao_mobie.algorithms.factors.CEJDFactors`, with an
+    expert dim of 1) when the method has a packed format (MoBiE); fake-quant methods leave it None.
     """
 
     weight: torch.Tensor
     bits: BitBudget
-    parts: dict = field(default_factory=dict)
+    factors: object | None = None

@@ -29,7 +29,7 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
 
     import torch
 
-    from ..api import quantize_model
+    from ..pipeline import quantize_model
     from ..data import calibration_set, eval_windows as windows_of, load_text, tokenize_corpus
     from ..zoo import load_zoo_model
     from .metrics import compare_models

@@ -1,48 +1,43 @@
 """The ``"mobie"`` experts implementation for transformers' ``ExpertsInterface``.
 
-``model.set_experts_implementation("mobie")`` (or ``from_pretrained(..., experts_implementation="mobie")``)
-routes every fused experts module through :func:`mobie_experts_forward`:
-
-* the binary factors run through one opaque op per projection (``torch.ops.mobie.binary_factor_mm``:
-  signs of the experts that received tokens are unpacked once and used as a ±1 matmul; unused experts
-  are never touched), so ``torch.compile(experts, fullgraph=True)`` sees no graph break;
-* the shared backbone is applied where the algebra is cheapest: an input-side ``gate_up_proj``
-  backbone once per token before the expert matmuls (``Q_e (S x)``: ``S x`` is shared by the k experts
-  of the token), an output-side ``down_proj`` backbone once per token after the routing-weighted sum
-  (``Σ_e g_e M Q_e h_e = M Σ_e g_e Q_e h_e``), the others as one GEMM over all (token, expert) pairs.
-
-Everything is computed in fp32 and cast to the activation dtype at the end. Modules whose weights are
-not :class:`~torchao_mobie.storage.MoBiETensor` fall back to transformers' ``grouped_mm`` forward.
+``model.set_experts_implementation("mobie")`` (set by packing and by ``from_pretrained`` of a packed
+checkpoint) routes every fused experts module through :func:`mobie_experts_forward`, which hands the packed
+weights to the kernel dispatch (:func:`~torchao_mobie.kernels.dispatch.moe_experts`): the fused Triton
+kernels on a GPU, the PyTorch reference elsewhere, with no graph break under ``torch.compile``. Modules
+whose weights are not :class:`~torchao_mobie.storage.MoBiETensor` fall back to transformers' ``grouped_mm``.
 """
 
 from __future__ import annotations
 
-import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["MOBIE_EXPERTS", "mobie_experts_forward", "register_experts_implementation"]
+from ..kernels.dispatch import moe_experts
+from ..storage.mobie_tensor import MoBiETensor
+
+__all__ = ["MOBIE_EXPERTS", "activation_name", "mobie_experts_forward"]
 
 MOBIE_EXPERTS = "mobie"
 
-
-def _linear_pairs(w, x_tokens, token_idx, ids, *, defer_output_backbone=False):
-    """``W_{ids[i]} x_tokens[token_idx[i]]`` for every pair ``i``; ``x_tokens`` may be per pair
-    (``token_idx`` None)."""
-    if w.side == "input" and token_idx is not None:
-        x_tokens = w.backbone_input(x_tokens)  # once per token
-        xp = x_tokens[token_idx]
-    else:
-        xp = x_tokens if token_idx is None else x_tokens[token_idx]
-        xp = w.backbone_input(xp)
-    z = w.factor_mm(xp, ids)
-    if not defer_output_backbone:
-        z = w.backbone_output(z)
-    return z
+_ACTIVATION_CLASSES = {"SiLUActivation": "silu", "ReLU": "relu", "GELUActivation": "gelu", "PytorchGELUTanh": "gelu_tanh",
+                       "GELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh"}
 
 
-def mobie_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    from ..storage.mobie_tensor import MoBiETensor
+def activation_name(module) -> str | None:
+    """The kernels' name of the module's gating when it is ``act(gate) * up`` on concatenated halves (or
+    ``act`` alone without a gate), else None (the module's own gating runs)."""
+    from transformers.integrations.moe import _default_apply_gate
 
+    if getattr(module, "has_gate", True) and (not getattr(module, "is_concatenated", True)
+                                              or getattr(type(module), "_apply_gate", None) is not _default_apply_gate):
+        return None
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, nn.SiLU) or act is F.silu:
+        return "silu"
+    return _ACTIVATION_CLASSES.get(type(act).__name__)
+
+
+def mobie_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     up_name = "gate_up_proj" if self.has_gate else "up_proj"
     up, down = getattr(self, up_name), self.down_proj
     if not (isinstance(up, MoBiETensor) and isinstance(down, MoBiETensor)):
@@ -54,49 +49,9 @@ def mobie_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
                                   "transposed expert weights (is_transposed=True)")
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("the 'mobie' experts implementation does not support expert parallelism")
-    T, H = hidden_states.shape
-    k = top_k_index.shape[-1]
-    ids = top_k_index.reshape(-1)
-    token_idx = torch.arange(T, device=hidden_states.device).repeat_interleave(k)
-    w = top_k_weights.reshape(-1).float()
-    x = hidden_states.float()
-
-    h = _linear_pairs(up, x, token_idx, ids)
-    if self.has_bias:
-        h = h + getattr(self, f"{up_name}_bias")[ids].float()
-    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
-
-    defer = down.side == "output" and not self.has_post_expert_norm
-    y = _linear_pairs(down, h, None, ids, defer_output_backbone=defer)
-    if self.has_bias and not defer:
-        y = y + self.down_proj_bias[ids].float()
-    if self.has_post_expert_norm:
-        y = self.post_expert_norm(y)
-    y = (y * w[:, None]).view(T, k, -1).sum(1)
-    if defer:
-        y = down.backbone_output(y)
-        if self.has_bias:
-            y = y + (self.down_proj_bias[ids].float() * w[:, None]).view(T, k, -1).sum(1)
-    return y.to(hidden_states.dtype)
-
-
-def _grouped_mm_fallback_on_packed(func, types, args, kwargs):
-    from ..storage.mobie_tensor import packed_grouped_mm
-
-    x, w = args[0], args[1]
-    offs = args[2] if len(args) > 2 else kwargs["offs"]
-    return packed_grouped_mm(x, w, offs)
-
-
-def register_experts_implementation() -> None:
-    """Register ``"mobie"`` with transformers' global ``ExpertsInterface`` (idempotent), and teach
-    :class:`MoBiETensor` transformers' ``grouped_mm_fallback`` op (used by the grouped_mm path under
-    torch.compile for non-bf16 weights)."""
-    import transformers.integrations.moe as moe
-
-    from ..storage.mobie_tensor import MoBiETensor
-
-    moe.ExpertsInterface.register(MOBIE_EXPERTS, mobie_experts_forward)
-    op = getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None)
-    if op is not None:
-        MoBiETensor.implements(op.default)(_grouped_mm_fallback_on_packed)
+    return moe_experts(hidden_states, top_k_index, top_k_weights, up, down, has_gate=self.has_gate,
+                       activation=activation_name(self),
+                       gate_fn=self._apply_gate if self.has_gate else self.act_fn,
+                       gate_up_bias=getattr(self, f"{up_name}_bias") if self.has_bias else None,
+                       down_bias=self.down_proj_bias if self.has_bias else None,
+                       post_norm=self.post_expert_norm if self.has_post_expert_norm else None)

@@ -1,4 +1,6 @@
-"""``fused_moe_binary``: the whole experts block of one MoE layer on packed MoBiE weights.
+"""The Triton backend: the whole experts block of one MoE layer on packed MoBiE weights
+(:func:`moe_binary_triton`), and the binary factors alone (:func:`triton_factor_mm`). Which backend runs
+is decided in :mod:`.dispatch`.
 
 Launch plan (``P = T * top_k`` pairs; ``≤ GEMV_MAX_PAIRS`` → decode kernels, else prefill kernels):
 
@@ -27,9 +29,10 @@ import os
 import torch
 
 from .align import moe_align_block_size
-from .reference import ACTIVATIONS, moe_binary_reference
+from .reference import ACTIVATIONS
 
-__all__ = ["GEMV_MAX_PAIRS", "fused_moe_binary", "salient_index_i32", "triton_available", "triton_usable"]
+__all__ = ["GEMV_MAX_PAIRS", "moe_binary_triton", "salient_index_i32", "triton_available", "triton_factor_mm",
+           "triton_usable"]
 
 GEMV_MAX_PAIRS = 64  # decode kernels up to this many (token, expert) pairs
 GEMM_BLOCK_M = 16
@@ -61,8 +64,15 @@ def _load_ops():
     return _OPS
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
+    """The Triton kernels import (triton is installed and our ops module builds); constant under compile."""
     return _load_ops() is not None
+
+
+def triton_error() -> Exception | None:
+    """Why the Triton kernels are unavailable (None when they are, or were never asked for)."""
+    return _TRITON_ERROR
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -86,50 +96,32 @@ def _bb(w, z, gated, out_dtype=torch.float32):
     return torch.ops.mobie_kernels.blockdiag_matmul(z.contiguous(), w.backbone, w.backbone_scale, gated, out_dtype)
 
 
-def _check(gate_up, down, hidden, top_k_index, has_gate, activation):
-    from ..storage.mobie_tensor import MoBiETensor
-
-    for name, w in (("gate_up", gate_up), ("down", down)):
-        if not isinstance(w, MoBiETensor):
-            raise TypeError(f"fused_moe_binary: {name} must be a MoBiETensor, got {type(w).__name__}")
-    if hidden.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape[0] != hidden.shape[0]:
-        raise ValueError(f"fused_moe_binary: hidden [T, H] and top_k_index [T, k] expected, got "
-                         f"{list(hidden.shape)} and {list(top_k_index.shape)}")
-    E, m1, H = gate_up.shape
-    E2, H2, I = down.shape
-    I_up = m1 // 2 if has_gate else m1
-    if E2 != E or H2 != H or H != hidden.shape[1] or I_up != I:
-        raise ValueError(f"fused_moe_binary: inconsistent shapes gate_up {list(gate_up.shape)}, down "
-                         f"{list(down.shape)}, hidden {list(hidden.shape)} (has_gate={has_gate})")
-    if activation not in ACTIVATIONS:
-        raise NotImplementedError(f"fused_moe_binary: activation {activation!r} (supported: {list(ACTIVATIONS)})")
+def triton_factor_mm(w, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """``Q_{e_i} x_i`` for every row of ``x [S, n]`` (one packed weight, one full plane) -> ``[S, m]`` fp32:
+    one grouped GEMV launch for up to ``GEMV_MAX_PAIRS`` rows, else the grouped GEMM over expert-sorted rows."""
+    ops = torch.ops.mobie_kernels
+    S = x.shape[0]
+    ids = expert_ids.reshape(-1).to(torch.int32).contiguous()
+    xf = x.float().contiguous()
+    s2 = salient_index_i32(w)
+    row_scale, col_scale, col_scale2 = w.scales()
+    if S <= GEMV_MAX_PAIRS:
+        return ops.binary_moe_gemv(xf, ids, None, w.qdata, row_scale, col_scale, w.mean, w.qdata2, col_scale2, s2,
+                                   1, True, False, False, torch.float32)
+    sorted_ids, block_expert, npad = moe_align_block_size(ids, w.shape[0], GEMM_BLOCK_M)
+    return ops.binary_moe_gemm(xf, sorted_ids, block_expert, npad, None, w.qdata, row_scale, col_scale, w.mean,
+                               w.qdata2, col_scale2, s2, S, 1, True, False, GEMM_BLOCK_M, torch.float32)
 
 
-def fused_moe_binary(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up,
-                     down, *, has_gate: bool = True, activation: str = "silu", path: str = "auto") -> torch.Tensor:
-    """Experts output ``[T, H]`` of a fused MoBiE experts block (no bias; shared experts outside).
-
-    ``gate_up``: MoBiETensor ``[E, 2I, H]`` (gate rows then up rows, ``has_gate``) or ``[E, I, H]``;
-    ``down``: MoBiETensor ``[E, H, I]``; ``top_k_index [T, k]`` int, ``top_k_weights [T, k]``.
-    ``path``: ``"auto"`` (Triton when usable: GEMV for ``T*k <= GEMV_MAX_PAIRS``, else GEMM; the
-    PyTorch reference otherwise), or force ``"gemv"``, ``"gemm"``, ``"reference"``.
-    """
-    _check(gate_up, down, hidden, top_k_index, has_gate, activation)
-    planes = gate_up.extra_planes or down.extra_planes  # past two planes: not in the kernels yet
-    if path == "auto":
-        path = "reference" if planes or not triton_usable(hidden) else (
-            "gemv" if top_k_index.numel() <= GEMV_MAX_PAIRS else "gemm")
-    if planes and path != "reference":
-        raise NotImplementedError(f"fused_moe_binary: path={path!r} with more than one full binary plane "
-                                  "(max_bits past two planes); use path='auto' or 'reference'")
-    if path == "reference":
-        return moe_binary_reference(hidden, top_k_index, top_k_weights, gate_up, down, has_gate=has_gate,
-                                    activation=activation)
+def moe_binary_triton(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up,
+                      down, *, has_gate: bool = True, activation: str = "silu", path: str | None = None) -> torch.Tensor:
+    """Experts output ``[T, H]`` of a fused MoBiE experts block (no bias; shared experts outside) with the
+    Triton kernels: ``path`` "gemv" (decode), "gemm" (prefill) or None (GEMV for ``T*k <= GEMV_MAX_PAIRS``).
+    One full binary plane only (the caller checks ``extra_planes``)."""
+    if path is None:
+        path = "gemv" if top_k_index.numel() <= GEMV_MAX_PAIRS else "gemm"
     if path not in ("gemv", "gemm"):
-        raise ValueError(f"fused_moe_binary: path must be auto|gemv|gemm|reference, got {path!r}")
-    if not triton_usable(hidden):
-        raise RuntimeError(f"fused_moe_binary: path={path!r} needs triton and a CUDA tensor (or TRITON_INTERPRET=1)"
-                           + (f"; triton import failed: {_TRITON_ERROR}" if _TRITON_ERROR else ""))
+        raise ValueError(f"moe_binary_triton: path must be 'gemv' or 'gemm', got {path!r}")
     ops = torch.ops.mobie_kernels
     T, H = hidden.shape
     k = top_k_index.shape[1]

@@ -1,28 +1,21 @@
 """Packed 1-bit storage of MoBiE experts (real memory savings; every other config is fake-quant).
 
-* :class:`MoBiETensor` — one torchao tensor subclass per fused ``[E, out, in]`` experts weight;
-* :func:`pack_model` — turn MoBiE's explicit representation into packed parameters;
+* :class:`MoBiETensor` (:mod:`.mobie_tensor`) — one torchao tensor subclass per fused ``[E, out, in]`` experts
+  weight; :mod:`.mobie_ops` — its aten dispatch table (transformers' generic experts paths);
+* :func:`pack_model` (:mod:`.packed_model`, :mod:`.convert`) — MoBiE's stored form into packed parameters;
 * :func:`memory_report` — bytes as stored vs. bf16 and vs. the bit accounting;
-* :func:`save_quantized` / :func:`load_quantized` — safetensors round trip (format version, checksums);
-  ``save_pretrained`` / ``from_pretrained`` work through the registered ``"mobie"`` HF quantizer.
+* :func:`save_quantized` / :func:`load_quantized` (:mod:`.checkpoint`, format :mod:`.serialization`) — the
+  safetensors round trip (format version, checksums); ``save_pretrained`` / ``from_pretrained`` work
+  through the ``"mobie"`` HF quantizer (:mod:`.hf_quantizer`, registered by ``import torchao_mobie``).
 """
 
-from ..integrations import experts as _experts
-from ..integrations import hf_quantizer as _hf  # noqa: F401  (registers the "mobie" HF quantizer)
-from .convert import binarize_experts_data_free, is_packed, pack_experts, pack_model, unpack_model
+from ..kernels.packing import PACK_WIDTH, pack_signs, packed_length, unpack_bits, unpack_signs
+from .checkpoint import load_quantized, save_quantized
+from .convert import binarize_experts_data_free, is_packed, pack_experts, unpack_model
 from .memory import MemoryReport, memory_report, tensor_bytes
 from .mobie_tensor import MoBiETensor
-from .packing import PACK_WIDTH, pack_signs, packed_length, unpack_bits, unpack_signs
-from .serialization import (
-    FORMAT_VERSION,
-    READABLE_VERSIONS,
-    MoBiECheckpointError,
-    load_quantized,
-    read_checkpoint,
-    save_quantized,
-)
-
-_experts.register_experts_implementation()
+from .packed_model import pack_model
+from .serialization import FORMAT_VERSION, READABLE_VERSIONS, MoBiECheckpointError, read_checkpoint
 
 __all__ = [
     "FORMAT_VERSION",

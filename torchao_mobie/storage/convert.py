@@ -1,8 +1,8 @@
-"""Turning MoBiE's explicit representation into packed :class:`MoBiETensor` parameters."""
+"""Module-level conversions between MoBiE's stored form (:class:`~torchao_mobie.algorithms.factors.CEJDFactors`)
+and packed :class:`MoBiETensor` parameters; the model-level finish (experts implementation, HF quantizer)
+is :mod:`.packed_model`."""
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -10,12 +10,12 @@ from torch import nn
 from ..integrations.transformers import PROJECTIONS, experts_info, is_experts_module
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["PARTS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "finish_if_packed",
-           "finish_packed", "pack_experts", "pack_model", "pack_projection", "packs", "is_packed", "unpack_model"]
+__all__ = ["FACTORS_ATTR", "binarize_experts_data_free", "check_packable", "check_targets_packable", "is_packed",
+           "pack_experts", "pack_projection", "packs", "unpack_model"]
 
-# experts-module attribute ``{projection: parts}`` where a quantization run leaves MoBiE's explicit
-# representation (``BinarizedExperts.parts``)
-PARTS_ATTR = "_mobie_parts"
+# experts-module attribute ``{projection: CEJDFactors}`` where a quantization run leaves MoBiE's stored form
+# (``BinarizedExperts.factors``) until the projection is packed
+FACTORS_ATTR = "_mobie_factors"
 
 
 def binarize_experts_data_free(model: nn.Module, quantize) -> dict:
@@ -44,8 +44,8 @@ def is_packed(model: nn.Module) -> bool:
     return any(isinstance(p, MoBiETensor) for p in model.parameters())
 
 
-def _find_parts(module: nn.Module, projection: str):
-    return (getattr(module, PARTS_ATTR, {}) or {}).get(projection)
+def _find_factors(module: nn.Module, projection: str):
+    return (getattr(module, FACTORS_ATTR, {}) or {}).get(projection)
 
 
 def check_packable(module: nn.Module, name: str = "") -> None:
@@ -74,103 +74,38 @@ def check_targets_packable(targets, config) -> None:
 def pack_projection(module: nn.Module, projection: str, name: str = "", *, check: bool = True) -> bool:
     """Pack ``module.<projection>`` from the representation the quantization run left on the module (and
     drop it there); False when there is none or the projection is already packed."""
-    parts = _find_parts(module, projection)
-    if parts is None or isinstance(getattr(module, projection), MoBiETensor):
+    factors = _find_factors(module, projection)
+    if factors is None or isinstance(getattr(module, projection), MoBiETensor):
         return False
-    pack_experts(module, projection, parts, check=check, name=name)
-    getattr(module, PARTS_ATTR).pop(projection, None)
+    pack_experts(module, projection, factors, check=check, name=name)
+    getattr(module, FACTORS_ATTR).pop(projection, None)
     return True
 
 
-def finish_if_packed(model: nn.Module) -> None:
-    """:func:`finish_packed` when some experts weight of ``model`` is packed (after ``quantize_``)."""
-    if is_packed(model):
-        finish_packed(model)
-
-
-def finish_packed(model: nn.Module, *, experts_implementation: str | None = "mobie",
-                  attach_hf_quantizer: bool = True) -> None:
-    """What a model with packed experts needs around them: the experts implementation, ``storage="packed"``
-    in the quantization marker and the ``"mobie"`` HF quantizer (``save_pretrained`` writes the packed format)."""
-    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(experts_implementation)
-    from ..api import MARKER, quantization_marker
-
-    entries = quantization_marker(model)
-    if entries and hasattr(model, "config"):
-        setattr(model.config, MARKER, [dict(e, storage="packed") if "routed_experts" in e.get("scope", ()) else e
-                                       for e in entries])
-    if attach_hf_quantizer and hasattr(model, "config"):
-        from ..integrations.hf_quantizer import attach_quantizer
-
-        attach_quantizer(model)
-
-
 @torch.no_grad()
-def pack_experts(module: nn.Module, projection: str, parts, *, check: bool = True, name: str = "") -> MoBiETensor:
-    """Replace ``module.<projection>`` by the packed weight built from ``parts``.
+def pack_experts(module: nn.Module, projection: str, factors, *, check: bool = True, name: str = "") -> MoBiETensor:
+    """Replace ``module.<projection>`` by the packed weight built from ``factors`` (:class:`CEJDFactors` or its
+    dict form, see :meth:`MoBiETensor.from_parts`).
 
     check: the packed weight's :meth:`~MoBiETensor.dequantize` must equal the module's current
-    (fake-quant) weight bit for bit; a mismatch raises (parts and weight are from different runs).
+    (fake-quant) weight bit for bit; a mismatch raises (factors and weight are from different runs).
     """
     check_packable(module, name)
     old = getattr(module, projection)
     if isinstance(old, MoBiETensor):
         raise RuntimeError(f"{name}.{projection} is already packed")
-    t = MoBiETensor.from_parts(parts, dtype=old.dtype)
+    t = MoBiETensor.from_parts(factors, dtype=old.dtype)
     if tuple(t.shape) != tuple(old.shape):
-        raise ValueError(f"{name}.{projection}: parts describe {list(t.shape)}, the parameter is {list(old.shape)}")
+        raise ValueError(f"{name}.{projection}: the factors describe {list(t.shape)}, the parameter is {list(old.shape)}")
     t = t.to(old.device)
     if check:
         deq = t.dequantize()
         if not torch.equal(deq, old.detach()):
             diff = (deq.float() - old.detach().float()).abs().max().item()
             raise ValueError(f"{name}.{projection}: the packed representation does not reproduce the module's weight "
-                             f"(max abs diff {diff:.3g}); the parts belong to another quantization run")
+                             f"(max abs diff {diff:.3g}); the factors belong to another quantization run")
     setattr(module, projection, nn.Parameter(t, requires_grad=False))
     return t
-
-
-def pack_model(model: nn.Module, parts: Mapping[str, object] | None = None, *,
-               experts_implementation: str | None = "mobie", check: bool = True,
-               attach_hf_quantizer: bool = True) -> nn.Module:
-    """Convert every binarized experts projection of ``model`` to :class:`MoBiETensor` (in place).
-
-    parts: optional ``{"<experts fqn>.<projection>": parts}``; otherwise the representation left on the
-        experts modules by the quantization run (``module._mobie_parts[projection]`` or the record's
-        ``parts``). Projections without an explicit representation (fake-quant baselines such as BiLLM,
-        ARB-LLM, sign) stay as they are; if nothing can be packed (and nothing is packed already) a ValueError
-        says so. Projections already packed (``MoBiEConfig()`` packs when it quantizes) are skipped, so calling
-        it on a packed model only sets what :func:`finish_packed` sets.
-    experts_implementation: switch the model to this experts implementation (None = keep).
-    attach_hf_quantizer: attach the ``"mobie"`` HF quantizer/config so ``save_pretrained`` writes the
-        packed format.
-    """
-    parts = dict(parts or {})
-    packed = []
-    for fqn, module in model.named_modules():
-        if not is_experts_module(module):
-            continue
-        for proj in PROJECTIONS:
-            key = f"{fqn}.{proj}" if fqn else proj
-            p = parts.pop(key, None)
-            if isinstance(getattr(module, proj), MoBiETensor):
-                continue
-            if p is not None:
-                pack_experts(module, proj, p, check=check, name=fqn)
-                getattr(module, PARTS_ATTR, {}).pop(proj, None)
-            elif not pack_projection(module, proj, fqn, check=check):
-                continue
-            packed.append(key)
-    if parts:
-        raise KeyError(f"pack_model: no experts parameter named {sorted(parts)}")
-    if not packed and not is_packed(model):
-        raise ValueError("pack_model: no experts weight has an explicit binary representation to pack (looked for "
-                         f"module.{PARTS_ATTR}[projection]). Only MoBiEConfig produces one "
-                         "(BinarizedExperts.parts); the BiLLM / ARB-LLM / sign baselines are fake-quant only. "
-                         "Pass parts={'<experts fqn>.<projection>': parts} to pack a representation built elsewhere")
-    finish_packed(model, experts_implementation=experts_implementation, attach_hf_quantizer=attach_hf_quantizer)
-    return model
 
 
 @torch.no_grad()

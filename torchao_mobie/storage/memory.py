@@ -113,8 +113,7 @@ def memory_report(model: nn.Module) -> MemoryReport:
             else:
                 r.experts_plain_bytes += tensor_bytes(t)
                 budget = budget + BitBudget(n_weights=t.numel(), param_bits=8 * tensor_bytes(t))
-    stored = budget.sign_bits + budget.bitmap_bits + budget.group_bitmap_bits + budget.param_bits + budget.backbone_bits
-    r.experts_budget_bytes = stored / 8
+    r.experts_budget_bytes = budget.stored_bits / 8
     non_persistent = set()  # e.g. rotary inv_freq: not part of the stored model
     for mod in model.modules():
         for name in getattr(mod, "_non_persistent_buffers_set", ()):

@@ -49,19 +49,17 @@ than ``s`` salient columns fill the remaining slots with non-salient columns and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 from torchao.utils import TorchAOBaseTensor
 
+from ..algorithms.factors import SIDES, CEJDFactors, factor_bits
 from ..algorithms.result import BitBudget
 from ..algorithms.scale_codes import decode_log8
-from .packing import pack_signs, packed_length, unpack_bits, unpack_signs
+from ..kernels.dispatch import factor_mm
+from ..kernels.packing import pack_signs, packed_length, salient_slot_index, unpack_bits, unpack_signs
 
 __all__ = ["MoBiETensor", "SIDES"]
 
-aten = torch.ops.aten
-SIDES = ("output", "input", "none")
 _BACKBONE_DTYPES = {torch.bfloat16: "bfloat16", torch.int8: "int8", torch.float32: "float32",
                     torch.float16: "float16"}
 FP16_BITS = 16
@@ -134,92 +132,87 @@ class MoBiETensor(TorchAOBaseTensor):
     # ------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_parts(cls, parts, dtype: torch.dtype = torch.bfloat16) -> "MoBiETensor":
-        """Pack the explicit representation left by MoBiE / CEJD.
-
-        ``parts``: a dict with stacked tensors (``cejd.CEJDResult.parts``: ``side``, ``sign [E,m,n]``,
-        ``row_scale [E,m]``, ``col_scale [E,n]``, optional ``sign2 [E,m,n]`` + ``col_scale2 [E,n]``
-        (zero outside the salient columns) + ``salient [E,n]`` bool, optional ``mean [E,m]``, and
-        ``backbone`` = ``{"blocks": [nb,k,k], "dtype": str, "scale": [nb,k] | None}`` or None), or a
-        list of per-expert dicts with the same keys without the expert dim (the backbone shared).
-        """
-        p = _stack_parts(parts)
-        side = p.get("side") or "none"
-        bb = p.get("backbone")
+    def from_parts(cls, factors, dtype: torch.dtype = torch.bfloat16) -> "MoBiETensor":
+        """Pack the stored form left by MoBiE / CEJD: a :class:`~torchao_mobie.algorithms.factors.CEJDFactors`
+        or its dict form (stacked tensors under the field names, codes as ``row_code``/``col_code``/
+        ``col_code2``/``col_code_x``/``scale_grid``, ``backbone`` = ``{"blocks": [nb,k,k], "scale": [nb,k] |
+        None}``), or a list of per-expert dicts without the expert dim (the backbone shared)."""
+        f = CEJDFactors.from_dict(factors)
+        side = f.side
         if side not in SIDES:
-            raise ValueError(f"MoBiE parts: side must be one of {SIDES}, got {side!r}")
-        if bb is None and side != "none":
-            raise ValueError(f"MoBiE parts: side {side!r} needs a backbone")
-        sign = p["sign"]
+            raise ValueError(f"MoBiE factors: side must be one of {SIDES}, got {side!r}")
+        if f.backbone is None and side != "none":
+            raise ValueError(f"MoBiE factors: side {side!r} needs a backbone")
+        sign = torch.as_tensor(f.sign)
         if sign.dim() != 3:
-            raise ValueError(f"MoBiE parts: sign must be [E, out, in], got {list(sign.shape)}")
+            raise ValueError(f"MoBiE factors: sign must be [E, out, in], got {list(sign.shape)}")
         E, m, n = sign.shape
-        coded = p.get("scale_grid") is not None
+        codes = f.codes
+        coded = codes is not None
         if coded:
-            P = 0 if p.get("sign_x") is None else p["sign_x"].shape[1]
-            scale_grid = _checked(p["scale_grid"], (E, 3 + P, 2), torch.float16, "scale_grid")
-            row_scale = _checked(p["row_code"], (E, m), torch.uint8, "row_code")
-            col_scale = _checked(p["col_code"], (E, n), torch.uint8, "col_code")
+            P = f.extra_planes
+            scale_grid = _checked(codes.grid, (E, 3 + P, 2), torch.float16, "scale_grid")
+            row_scale = _checked(codes.row, (E, m), torch.uint8, "row_code")
+            col_scale = _checked(codes.col, (E, n), torch.uint8, "col_code")
             g = scale_grid
-            for key, codes, grid in (("row_scale", row_scale, g[:, 0]), ("col_scale", col_scale, g[:, 1])):
-                if p.get(key) is not None:  # the decoded values must be the codes' (else a silent mismatch)
-                    v = torch.as_tensor(p[key])
-                    if tuple(v.shape) != tuple(codes.shape) or not torch.equal(v.half(), decode_log8(codes, grid)):
-                        raise ValueError(f"MoBiE parts: {key} {list(v.shape)} does not match its 8-bit codes "
-                                         f"{list(codes.shape)} (pass the codes' decoded values or leave it out)")
+            for key, coded_t, grid in (("row_scale", row_scale, g[:, 0]), ("col_scale", col_scale, g[:, 1])):
+                v = torch.as_tensor(getattr(f, key))  # the decoded values must be the codes' (else a silent mismatch)
+                if tuple(v.shape) != tuple(coded_t.shape) or not torch.equal(v.half(), decode_log8(coded_t, grid)):
+                    raise ValueError(f"MoBiE factors: {key} {list(v.shape)} does not match its 8-bit codes "
+                                     f"{list(coded_t.shape)} (pass the codes' decoded values or leave it out)")
         else:
             scale_grid = None
-            row_scale = _as_half(p["row_scale"], (E, m), "row_scale")
-            col_scale = _as_half(p["col_scale"], (E, n), "col_scale")
+            row_scale = _as_half(f.row_scale, (E, m), "row_scale")
+            col_scale = _as_half(f.col_scale, (E, n), "col_scale")
         qdata = pack_signs(sign)
         backbone = backbone_scale = None
-        if bb is not None and side != "none":
-            blocks = bb["blocks"] if isinstance(bb, Mapping) else bb
+        if f.backbone is not None and side != "none":
+            blocks = f.backbone.blocks
             if blocks.dim() == 2:
                 blocks = blocks.unsqueeze(0)
             nb, k, k2 = blocks.shape
             expect = m if side == "output" else n
             if k != k2 or nb * k != expect:
-                raise ValueError(f"MoBiE parts: {side}-side backbone blocks {list(blocks.shape)} do not make a "
+                raise ValueError(f"MoBiE factors: {side}-side backbone blocks {list(blocks.shape)} do not make a "
                                  f"[{expect}, {expect}] matrix")
             backbone = blocks.contiguous()
-            scale = bb.get("scale") if isinstance(bb, Mapping) else None
+            scale = f.backbone.scale
             if backbone.dtype == torch.int8:
                 if scale is None:
-                    raise ValueError("MoBiE parts: an int8 backbone needs a per-row scale")
+                    raise ValueError("MoBiE factors: an int8 backbone needs a per-row scale")
                 backbone_scale = _as_half(scale.reshape(nb, k), (nb, k), "backbone scale")
             elif backbone.dtype not in _BACKBONE_DTYPES:
-                raise ValueError(f"MoBiE parts: unsupported backbone dtype {backbone.dtype}")
+                raise ValueError(f"MoBiE factors: unsupported backbone dtype {backbone.dtype}")
         qdata2 = col_scale2 = salient = None
-        if p.get("sign2") is not None:
-            sal = p.get("salient")
-            c2 = p["col_scale2"]
+        if f.sign2 is not None:
+            sal = f.salient
             if sal is None:
-                sal = c2 != 0
+                sal = torch.as_tensor(f.col_scale2) != 0
             sal = sal.to(torch.bool).reshape(E, n)
             s = max(1, int(sal.sum(-1).max()))
-            idx = _salient_index(sal, s)  # [E, s]
+            idx = salient_slot_index(sal, s)  # [E, s]
             valid = sal.gather(1, idx)
-            s2 = p["sign2"].gather(2, idx[:, None, :].expand(E, m, s))  # [E, m, s]
+            s2 = torch.as_tensor(f.sign2).gather(2, idx[:, None, :].expand(E, m, s))  # [E, m, s]
             s2 = torch.where(valid[:, None, :], s2, torch.ones_like(s2))
             qdata2 = pack_signs(s2.transpose(1, 2))  # [E, s, ceil(m/32)]
             if coded:
-                c2 = _checked(p["col_code2"], (E, n), torch.uint8, "col_code2")
+                c2 = _checked(codes.col2, (E, n), torch.uint8, "col_code2")
                 col_scale2 = torch.where(valid, c2.gather(1, idx), torch.zeros((), dtype=torch.uint8))
             else:
-                col_scale2 = torch.where(valid, c2.to(torch.float16).gather(1, idx),
+                col_scale2 = torch.where(valid, torch.as_tensor(f.col_scale2).to(torch.float16).gather(1, idx),
                                          torch.zeros((), dtype=torch.float16))
             salient = pack_signs(torch.where(sal, 1, -1))
         qdata_x = col_scale_x = None
-        if p.get("sign_x") is not None:
-            sx = p["sign_x"]
+        if f.sign_x is not None:
+            sx = torch.as_tensor(f.sign_x)
             if sx.dim() != 4 or tuple(sx.shape[:1]) + tuple(sx.shape[2:]) != (E, m, n):
-                raise ValueError(f"MoBiE parts: sign_x must be [E, P, out, in] = [{E}, P, {m}, {n}], got {list(sx.shape)}")
+                raise ValueError(f"MoBiE factors: sign_x must be [E, P, out, in] = [{E}, P, {m}, {n}], got "
+                                 f"{list(sx.shape)}")
             P = sx.shape[1]
             qdata_x = pack_signs(sx)
-            col_scale_x = (_checked(p["col_code_x"], (E, P, n), torch.uint8, "col_code_x") if coded
-                           else _as_half(p["col_scale_x"], (E, P, n), "col_scale_x"))
-        mean = None if p.get("mean") is None else _as_half(p["mean"], (E, m), "mean")
+            col_scale_x = (_checked(codes.col_x, (E, P, n), torch.uint8, "col_code_x") if coded
+                           else _as_half(f.col_scale_x, (E, P, n), "col_scale_x"))
+        mean = None if f.mean is None else _as_half(f.mean, (E, m), "mean")
         return cls(qdata, row_scale, col_scale, side, dtype, backbone=backbone, backbone_scale=backbone_scale,
                    qdata2=qdata2, col_scale2=col_scale2, salient=salient, mean=mean, scale_grid=scale_grid,
                    qdata_x=qdata_x, col_scale_x=col_scale_x)
@@ -271,7 +264,7 @@ class MoBiETensor(TorchAOBaseTensor):
         if self.qdata2 is None:
             return None
         sal = unpack_bits(self.salient, self.in_features).bool()
-        return _salient_index(sal, self.col_scale2.shape[1])
+        return salient_slot_index(sal, self.col_scale2.shape[1])
 
     def backbone_matrix(self) -> torch.Tensor | None:
         """The full (block-diagonal) backbone in fp32, exactly as ``cejd.backbone_matrix``."""
@@ -347,24 +340,18 @@ class MoBiETensor(TorchAOBaseTensor):
         return pad
 
     def bit_budget(self) -> BitBudget:
-        """All-inclusive bit accounting of the logical content (the convention of ``cejd``)."""
+        """All-inclusive bit accounting of the logical content (:func:`~torchao_mobie.algorithms.factors.factor_bits`:
+        every stored second-plane slot counts, padding slots included; word padding does not)."""
         E, m, n = self._dims()
-        n_sal = 0
-        if self.qdata2 is not None:
-            n_sal = int(unpack_bits(self.salient, n).sum())
         bb_bits = 0
         if self.backbone is not None:
             bb_bits = self.backbone.numel() * self.backbone.element_size() * 8
             if self.backbone_scale is not None:
                 bb_bits += self.backbone_scale.numel() * FP16_BITS
-        extra_slots = 0 if self.qdata2 is None else self.col_scale2.numel() - n_sal
-        scale_bits = self.row_scale.element_size() * 8
-        P = self.extra_planes
-        param = (scale_bits * (E * (m + n * (1 + P)) + n_sal + extra_slots) + FP16_BITS * (E * m if self.mean is not None else 0)
-                 + (0 if self.scale_grid is None else FP16_BITS * self.scale_grid.numel()))
-        return BitBudget(n_weights=E * m * n, sign_bits=E * m * n * (1 + P) + m * (n_sal + extra_slots),
-                         bitmap_bits=E * n if self.qdata2 is not None else 0, param_bits=param,
-                         backbone_bits=bb_bits)
+        return factor_bits(E, m, n, planes=1 + self.extra_planes,
+                           salient_slots=0 if self.col_scale2 is None else self.col_scale2.numel(),
+                           bitmap=self.qdata2 is not None, coded=self.scale_grid is not None,
+                           mean=self.mean is not None, backbone=bb_bits)
 
     # ------------------------------------------------------------------------------------------
     # fused building blocks (used by the "mobie" experts implementation)
@@ -383,85 +370,19 @@ class MoBiETensor(TorchAOBaseTensor):
         return z @ self.backbone_matrix().t()
 
     def factor_mm(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32."""
-        row_scale, col_scale, col_scale2 = self.scales()
-        return torch.ops.mobie.binary_factor_mm(
-            x.float(), expert_ids, self.qdata, row_scale, col_scale, self.qdata2, col_scale2,
-            self.salient, self.mean, self.qdata_x, self.extra_scales())
-
-
-# ----------------------------------------------------------------------------------------------
-# the binary factor GEMM (opaque custom op: one entry point for compile; Triton comes later)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("mobie::binary_factor_mm", mutates_args=())
-def binary_factor_mm(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
-                     col_scale: torch.Tensor, qdata2: torch.Tensor | None, col_scale2: torch.Tensor | None,
-                     salient: torch.Tensor | None, mean: torch.Tensor | None, qdata_x: torch.Tensor | None = None,
-                     col_scale_x: torch.Tensor | None = None) -> torch.Tensor:
-    """Reference: for each expert that has rows, unpack its signs once and run a ±1 matmul.
-
-    ``y_i = row_scale[e] * (B_e (col_scale[e] * x_i) + B2_e (col_scale2[e] * x_i[salient_e])) + mean[e] * Σ x_i``
-    Experts without rows are never touched.
-    """
-    S, n = x.shape
-    E, m = row_scale.shape
-    out = torch.zeros(S, m, dtype=torch.float32, device=x.device)
-    if S == 0:
-        return out
-    ids = expert_ids.reshape(-1).long()
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids, minlength=E).tolist()
-    idx2 = None
-    if qdata2 is not None:
-        s = col_scale2.shape[1]
-        idx2 = _salient_index(unpack_bits(salient, n).bool(), s)
-    start = 0
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        rows = order[start:start + c]
-        start += c
-        xe = x[rows].float()
-        B = unpack_signs(qdata[e], n)  # [m, n] ±1
-        y = (xe * col_scale[e].float()) @ B.t()
-        if qdata_x is not None:
-            for p in range(qdata_x.shape[1]):
-                y = y + (xe * col_scale_x[e, p].float()) @ unpack_signs(qdata_x[e, p], n).t()
-        if qdata2 is not None:
-            B2 = unpack_signs(qdata2[e], m)  # [s, m]
-            y = y + (xe[:, idx2[e]] * col_scale2[e].float()) @ B2
-        y = y * row_scale[e].float()
-        if mean is not None:
-            y = y + xe.sum(-1, keepdim=True) * mean[e].float()
-        out[rows] = y
-    return out
-
-
-@binary_factor_mm.register_fake
-def _(x, expert_ids, qdata, row_scale, col_scale, qdata2, col_scale2, salient, mean, qdata_x=None, col_scale_x=None):
-    return x.new_empty((x.shape[0], row_scale.shape[1]), dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _salient_index(sal: torch.Tensor, s: int) -> torch.Tensor:
-    """First ``s`` columns of ``stable_argsort(~sal)``: the salient columns ascending, then fillers."""
-    return torch.argsort((~sal).to(torch.int8), dim=-1, stable=True)[..., :s]
+        """``Q_{e_i} x_i`` for every row ``i`` (``x [S, n]``, ``expert_ids [S]``) -> ``[S, m]`` fp32, on the
+        backend the kernel dispatch chooses (Triton on CUDA, else the ±1 reference)."""
+        return factor_mm(self, x, expert_ids)
 
 
 def _as_half(t, shape, what) -> torch.Tensor:
     t = torch.as_tensor(t)
     if tuple(t.shape) != tuple(shape):
-        raise ValueError(f"MoBiE parts: {what} must be {list(shape)}, got {list(t.shape)}")
+        raise ValueError(f"MoBiE factors: {what} must be {list(shape)}, got {list(t.shape)}")
     if t.dtype != torch.float16:
         h = t.to(torch.float16)
         if not torch.equal(h.float(), t.float()):
-            raise ValueError(f"MoBiE parts: {what} is {t.dtype} and not representable in fp16 (stored width)")
+            raise ValueError(f"MoBiE factors: {what} is {t.dtype} and not representable in fp16 (stored width)")
         t = h
     return t.contiguous()
 
@@ -469,117 +390,5 @@ def _as_half(t, shape, what) -> torch.Tensor:
 def _checked(t, shape, dtype, what) -> torch.Tensor:
     t = torch.as_tensor(t)
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise ValueError(f"MoBiE parts: {what} must be {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
+        raise ValueError(f"MoBiE factors: {what} must be {list(shape)} {dtype}, got {list(t.shape)} {t.dtype}")
     return t.contiguous()
-
-
-def _stack_parts(parts) -> dict:
-    if isinstance(parts, Mapping):
-        p = dict(parts)
-        if p.get("backbone") is None and p.get("backbone_ref") is not None:
-            p["backbone"] = p["backbone_ref"]
-        return p
-    if not isinstance(parts, Sequence) or not parts:
-        raise TypeError(f"MoBiE parts must be a dict of stacked tensors or a list of per-expert dicts, got "
-                        f"{type(parts).__name__}")
-    first = parts[0]
-    out = {"side": first.get("side") or "none",
-           "backbone": first.get("backbone", first.get("backbone_ref"))}
-    for key in ("sign", "row_scale", "col_scale", "sign2", "col_scale2", "salient", "mean", "row_code", "col_code",
-                "col_code2", "scale_grid", "sign_x", "col_scale_x", "col_code_x"):
-        vals = [pe.get(key) for pe in parts]
-        if all(v is None for v in vals):
-            continue
-        if any(v is None for v in vals):
-            raise ValueError(f"MoBiE parts: {key} is present for some experts only")
-        out[key] = torch.stack([torch.as_tensor(v) for v in vals])
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# aten / torch-function dispatch (generic experts implementations: eager, batched_mm, grouped_mm)
-# ----------------------------------------------------------------------------------------------
-
-implements = MoBiETensor.implements
-implements_torch_function = MoBiETensor.implements_torch_function
-
-
-@implements(aten.select.int)
-def _(func, types, args, kwargs):
-    self, dim, index = args[0], args[1], args[2]
-    if dim != 0:
-        raise NotImplementedError(f"MoBiETensor: select along dim {dim}; only expert selection (dim 0) is supported")
-    index = int(index)
-    if index < 0:
-        index += self.shape[0]
-    return self.dequantize(experts=torch.tensor([index], device=self.qdata.device))[0]
-
-
-@implements(aten.index.Tensor)
-def _(func, types, args, kwargs):
-    self, indices = args[0], args[1]
-    if len(indices) != 1 or indices[0] is None:
-        raise NotImplementedError("MoBiETensor: only indexing the expert dim with one index tensor is supported")
-    idx = indices[0]
-    if idx.dtype == torch.bool:
-        idx = idx.nonzero().squeeze(-1)
-    flat = idx.reshape(-1).long()
-    w = self.dequantize(experts=flat)
-    return w.reshape(*idx.shape, *self.shape[1:])
-
-
-@implements(aten.transpose.int)
-def _(func, types, args, kwargs):
-    # grouped_mm path: a lazily transposed view, consumed by _grouped_mm below without dequantizing
-    self, d0, d1 = args[0], args[1], args[2]
-    if {d0 % 3, d1 % 3} != {1, 2}:
-        raise NotImplementedError(f"MoBiETensor: transpose({d0}, {d1}); only the last two dims can be swapped")
-    names, attrs = self.__tensor_flatten__()
-    kw = {n: getattr(self, n) for n in names if n not in MoBiETensor.tensor_data_names}
-    return MoBiETensor(self.qdata, self.row_scale, self.col_scale, self.side, self.dtype, **kw,
-                       transposed=not self.transposed)
-
-
-def packed_grouped_mm(x: torch.Tensor, w: "MoBiETensor", offs: torch.Tensor) -> torch.Tensor:
-    """``x [S, n]`` rows grouped by expert (``offs``: cumulative row counts) times the transposed packed
-    weight ``w [E, n, m]`` -> ``[S, m]`` in ``w.dtype``; rows past ``offs[-1]`` are zero. Only the
-    experts that own rows are unpacked."""
-    if not w.transposed:
-        raise NotImplementedError("grouped_mm needs the [E, in, out] (transposed) view of a MoBiETensor")
-    S = x.shape[0]
-    rows = torch.arange(S, device=x.device)
-    ids = torch.searchsorted(offs.to(torch.int64), rows, right=True)
-    valid = ids < w.num_experts
-    ids = ids.clamp(max=w.num_experts - 1)
-    xf = w.backbone_input(x.float())
-    y = w.backbone_output(w.factor_mm(xf, ids))
-    y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=y.device))
-    return y.to(w.dtype)
-
-
-@implements(aten._grouped_mm.default)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    offs = args[2] if len(args) > 2 else kwargs.get("offs")
-    bias = args[3] if len(args) > 3 else kwargs.get("bias")
-    out_dtype = args[4] if len(args) > 4 else kwargs.get("out_dtype")
-    if not isinstance(w, MoBiETensor) or isinstance(x, MoBiETensor) or offs is None or x.dim() != 2:
-        raise NotImplementedError("MoBiETensor: only _grouped_mm(x [S, in], packed weight [E, in, out], offs) "
-                                  "is supported")
-    y = packed_grouped_mm(x, w, offs)
-    if bias is not None:
-        raise NotImplementedError("MoBiETensor: _grouped_mm with bias")
-    return y.to(out_dtype) if out_dtype is not None else y
-
-
-@implements([aten.t.default])
-def _(func, types, args, kwargs):
-    raise NotImplementedError("MoBiETensor is 3D; .t() is undefined")
-
-
-@implements_torch_function(torch.nn.functional.linear)
-def _(func, types, args, kwargs):
-    raise NotImplementedError("MoBiETensor holds a 3D experts weight; select an expert before F.linear")
-
-
-torch.serialization.add_safe_globals([MoBiETensor])

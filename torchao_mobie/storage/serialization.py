@@ -23,18 +23,16 @@ Loading checks the format name and version, every tensor's presence, checksum, d
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from .mobie_tensor import MoBiETensor
-from .packing import packed_length
+from ..kernels.packing import packed_length
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MoBiECheckpointError", "flatten_state_dict", "unflatten_state_dict",
-           "save_quantized", "load_quantized", "read_checkpoint", "WEIGHTS_NAME"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MoBiECheckpointError", "flatten_state_dict",
+           "unflatten_state_dict", "read_checkpoint", "WEIGHTS_NAME"]
 
 FORMAT_NAME = "mobie-packed"
 FORMAT_VERSION = 2  # 2: scales as 8-bit log codes + scale_grid; 1 (fp16 scales) is still read
@@ -274,68 +272,3 @@ def read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     tensors, metadata = _read_tensors(path)
     verify_checksums(tensors, metadata, path)
     return unflatten_state_dict(tensors, metadata, path)
-
-
-def save_quantized(model: nn.Module, save_directory: str) -> str:
-    """Write a packed model: ``config.json`` (with the ``"mobie"`` quantization config) + ``model.safetensors``."""
-    from safetensors.torch import save_file
-
-    from ..integrations.hf_quantizer import attach_quantizer
-
-    os.makedirs(save_directory, exist_ok=True)
-    if hasattr(model, "config"):
-        attach_quantizer(model)
-        model.config.save_pretrained(save_directory)
-    tensors, meta = flatten_state_dict(model.state_dict())
-    path = os.path.join(save_directory, WEIGHTS_NAME)
-    save_file(tensors, path, metadata=meta)
-    return path
-
-
-def load_quantized(save_directory: str, *, experts_implementation: str = "mobie") -> nn.Module:
-    """Rebuild a model written by :func:`save_quantized` (transformers model classes from ``config.json``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = os.path.join(save_directory, WEIGHTS_NAME)
-    if not os.path.exists(path):
-        raise MoBiECheckpointError(f"{path}: no such file")
-    state = read_checkpoint(path)
-    config = AutoConfig.from_pretrained(save_directory)
-    qc = getattr(config, "quantization_config", None)
-    if qc is not None:
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    load_state_dict_packed(model, state, path)
-    if experts_implementation is not None:
-        model.set_experts_implementation(experts_implementation)
-    from ..integrations.hf_quantizer import attach_quantizer
-
-    attach_quantizer(model)
-    return model.eval()
-
-
-@torch.no_grad()
-def load_state_dict_packed(model: nn.Module, state: Mapping[str, torch.Tensor], filename: str = "<checkpoint>") -> None:
-    """Load ``state`` into ``model``: packed entries replace their parameters, plain ones are copied."""
-    plain = {}
-    expected = set(model.state_dict().keys())
-    for k, v in state.items():
-        if k not in expected:
-            raise MoBiECheckpointError(f"{filename}: tensor {k} does not belong to {type(model).__name__}")
-        if isinstance(v, MoBiETensor):
-            mod_name, p = _split(k)
-            mod = model.get_submodule(mod_name)
-            old = getattr(mod, p)
-            if tuple(old.shape) != tuple(v.shape):
-                raise MoBiECheckpointError(f"{filename}: packed parameter {k} is {list(v.shape)}, the model expects "
-                                           f"{list(old.shape)}")
-            setattr(mod, p, nn.Parameter(v.to(old.device), requires_grad=False))
-        else:
-            plain[k] = v
-    missing = sorted(expected - set(state))
-    if missing:
-        raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} is missing from the checkpoint")
-    result = model.load_state_dict(plain, strict=False)
-    bad = [k for k in result.unexpected_keys]
-    if bad:
-        raise MoBiECheckpointError(f"{filename}: unexpected tensor {bad[0]}")

@@ -1,4 +1,4 @@
-"""Bit packing of ±1 signs (torch reference implementation).
+"""Bit packing of ±1 signs: the word format the packed tensor stores and every kernel reads.
 
 Layout (gemlite-style word format): 32 consecutive signs along the packed dimension go into one int32
 word, **LSB first**: bit ``i`` of word ``w`` holds element ``32*w + i``; a set bit means ``+1``, a clear
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PACK_WIDTH", "packed_length", "pack_signs", "unpack_bits", "unpack_signs"]
+__all__ = ["PACK_WIDTH", "packed_length", "pack_signs", "salient_slot_index", "unpack_bits", "unpack_signs"]
 
 PACK_WIDTH = 32  # signs per int32 word
 
@@ -59,3 +59,9 @@ def unpack_signs(words: torch.Tensor, n: int, dtype: torch.dtype = torch.float32
     """``words [..., nw]`` int32 -> signs ``[..., n]`` in ``dtype`` (exactly ±1)."""
     bits = unpack_bits(words, n)
     return (bits.to(dtype) * 2 - 1)
+
+
+def salient_slot_index(salient: torch.Tensor, s: int) -> torch.Tensor:
+    """``[..., s]`` columns of the salient plane's slots from the bitmap ``salient [..., n]`` (bool): the first
+    ``s`` entries of ``stable_argsort(~salient)``, i.e. the salient columns ascending, then fillers."""
+    return torch.argsort((~salient).to(torch.int8), dim=-1, stable=True)[..., :s]

@@ -7,9 +7,9 @@ the weights file is the format of :mod:`torchao_mobie.storage.serialization` (fl
 serialized names, so the field names are free (torchao's ``TorchAoConfig`` route only accepts the
 suffixes qdata/scale/zero_point/...), and the torchao allow-lists need no patching.
 
-Usage::
+Usage (``import torchao_mobie`` registers ``"mobie"``: :mod:`torchao_mobie.registrations`)::
 
-    import torchao_mobie.storage            # registers "mobie" (importing torchao_mobie does too)
+    import torchao_mobie
     pack_model(model); model.save_pretrained(d)
     model = AutoModelForCausalLM.from_pretrained(d)     # packed, experts_implementation="mobie"
 
@@ -30,7 +30,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..storage.serialization import (
+from .serialization import (
     FORMAT_VERSION,
     READABLE_VERSIONS,
     CONVERTED_CHECKSUMS,
@@ -175,7 +175,7 @@ class MoBiEHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: packed experts back to plain (fake-quant) parameters, bit-exact."""
-        from ..storage.convert import unpack_model
+        from .convert import unpack_model
 
         return unpack_model(model, dtype=dtype)
 
@@ -235,6 +235,3 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(MoBiEHfConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(MoBiEHfQuantizer)
-
-
-register()
