@@ -11,6 +11,8 @@ routes every fused experts module through :func:`mobie_experts_forward`:
   of the token), an output-side ``down_proj`` backbone once per token after the routing-weighted sum
   (``Σ_e g_e M Q_e h_e = M Σ_e g_e Q_e h_e``), the others as one GEMM over all (token, expert) pairs.
 
+On CPU inside a ``torch.compile`` trace the three products run through :mod:`torchao_mobie.kernels.cpu`
+(unpacking, scales and reduction fused by inductor; ``kernel_ops``), elsewhere through the reference methods.
 Everything is computed in fp32 and cast to the activation dtype at the end. Modules whose weights are
 not :class:`~torchao_mobie.storage.MoBiETensor` fall back to transformers' ``grouped_mm`` forward.
 """
@@ -24,18 +26,38 @@ __all__ = ["MOBIE_EXPERTS", "mobie_experts_forward", "register_experts_implement
 MOBIE_EXPERTS = "mobie"
 
 
-def _linear_pairs(w, x_tokens, token_idx, ids, *, defer_output_backbone=False):
+# ---- kernel choice (issue 19): the fused CPU kernels inside a torch.compile trace on CPU ---------------
+def _reference_ops():
+    from ..storage.mobie_tensor import MoBiETensor
+
+    return MoBiETensor.backbone_input, MoBiETensor.factor_mm, MoBiETensor.backbone_output
+
+
+def kernel_ops(x: torch.Tensor):
+    """``(backbone_input, factor_mm, backbone_output)``, each called as ``f(weight, ...)``: the CPU kernels of
+    :mod:`torchao_mobie.kernels.cpu` when ``x`` is on the CPU inside a ``torch.compile`` trace, else the packed
+    tensor's reference methods (``MoBiETensor.factor_mm`` = ``torch.ops.mobie.binary_factor_mm``)."""
+    from ..kernels import cpu
+
+    if cpu.use_cpu_path(x):
+        return cpu.cpu_backbone_input, cpu.cpu_factor_mm, cpu.cpu_backbone_output
+    return _reference_ops()
+# ------------------------------------------------------------------------------------------------------
+
+
+def _linear_pairs(w, x_tokens, token_idx, ids, *, defer_output_backbone=False, ops=None):
     """``W_{ids[i]} x_tokens[token_idx[i]]`` for every pair ``i``; ``x_tokens`` may be per pair
     (``token_idx`` None)."""
+    backbone_input, factor_mm, backbone_output = ops or _reference_ops()
     if w.side == "input" and token_idx is not None:
-        x_tokens = w.backbone_input(x_tokens)  # once per token
+        x_tokens = backbone_input(w, x_tokens)  # once per token
         xp = x_tokens[token_idx]
     else:
         xp = x_tokens if token_idx is None else x_tokens[token_idx]
-        xp = w.backbone_input(xp)
-    z = w.factor_mm(xp, ids)
+        xp = backbone_input(w, xp)
+    z = factor_mm(w, xp, ids)
     if not defer_output_backbone:
-        z = w.backbone_output(z)
+        z = backbone_output(w, z)
     return z
 
 
@@ -61,20 +83,21 @@ def mobie_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.
     w = top_k_weights.reshape(-1).float()
     x = hidden_states.float()
 
-    h = _linear_pairs(up, x, token_idx, ids)
+    ops = kernel_ops(x)
+    h = _linear_pairs(up, x, token_idx, ids, ops=ops)
     if self.has_bias:
         h = h + getattr(self, f"{up_name}_bias")[ids].float()
     h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
 
     defer = down.side == "output" and not self.has_post_expert_norm
-    y = _linear_pairs(down, h, None, ids, defer_output_backbone=defer)
+    y = _linear_pairs(down, h, None, ids, defer_output_backbone=defer, ops=ops)
     if self.has_bias and not defer:
         y = y + self.down_proj_bias[ids].float()
     if self.has_post_expert_norm:
         y = self.post_expert_norm(y)
     y = (y * w[:, None]).view(T, k, -1).sum(1)
     if defer:
-        y = down.backbone_output(y)
+        y = ops[2](down, y)
         if self.has_bias:
             y = y + (self.down_proj_bias[ids].float() * w[:, None]).view(T, k, -1).sum(1)
     return y.to(hidden_states.dtype)
