@@ -124,26 +124,44 @@ def _salient_plane(words2: torch.Tensor, v: torch.Tensor, m: int) -> torch.Tenso
     return y.reshape(S, mw * 32)[:, :m]
 
 
-def _slot_columns(bitmap_words: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    """``[S, s]`` int64 columns of the salient slots of the selected experts (``bitmap_words [S, nw]``): the
-    salient columns in ascending order; slots past an expert's count get column 0 (their scale is 0). Equal to
-    ``MoBiETensor.salient_index()`` on the salient slots."""
+def _popcount(w: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word (SWAR, plain integer ops)."""
+    w = w - ((w >> 1) & 0x55555555)
+    w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F
+    return ((w * 0x01010101) >> 24) & 0xFF
+
+
+def _salient_slots(bitmap_words: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """``[S, n]`` int64: the second-plane slot of every column of the selected experts (``bitmap_words [S, nw]``),
+    i.e. its rank among the expert's salient columns, and ``s`` (a spare slot) for the other columns; the
+    inverse of ``MoBiETensor.salient_index()`` on the salient slots. Ranks by popcounts, without a scan."""
     S, nw = bitmap_words.shape
-    bits = ((bitmap_words.unsqueeze(-1) >> torch.arange(32, device=bitmap_words.device, dtype=torch.int32)) & 1)
-    bits = bits.reshape(S, nw * 32)[:, :n].to(torch.int64)
-    rank = torch.cumsum(bits, -1) - 1
-    slot = torch.where(bits > 0, rank, torch.full_like(rank, s))  # non-salient columns -> a spare slot s
-    cols = torch.arange(n, device=bitmap_words.device).expand(S, n)
-    out = torch.zeros(S, s + 1, dtype=torch.int64, device=bitmap_words.device)
-    return out.scatter(1, slot, cols)[:, :s]
+    dev = bitmap_words.device
+    pos = torch.arange(32, device=dev, dtype=torch.int32)
+    pc = _popcount(bitmap_words)  # [S, nw]
+    earlier = torch.arange(nw, device=dev)[:, None] > torch.arange(nw, device=dev)[None, :]  # [nw, nw]
+    before = (pc[:, None, :] * earlier).sum(-1)  # salient columns in the words before: [S, nw]
+    below = torch.tensor([(1 << b) - 1 for b in range(32)], dtype=torch.int64, device=dev).to(torch.int32)
+    w = bitmap_words.unsqueeze(-1)
+    rank = before.unsqueeze(-1) + _popcount(w & below)  # [S, nw, 32]
+    slot = torch.where(((w >> pos) & 1) > 0, rank, s)
+    return slot.reshape(S, nw * 32)[:, :n].to(torch.int64)
 
 
-def _realized(v: torch.Tensor, width: int) -> torch.Tensor:
-    """``v [R, k]`` written into a zero ``[R, width]`` buffer (``width >= k``) by an indexed copy, which
-    inductor always computes into memory: the reductions that read it then do not recompute ``v`` (scale
-    decoding, gathers) once per output row."""
+def _slot_columns(bitmap_words: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """``[S, s]`` int64 columns of the salient slots (ascending; slots past an expert's count: column 0, their
+    scale is 0): ``MoBiETensor.salient_index()`` of the selected experts on the salient slots."""
+    slot = _salient_slots(bitmap_words, n, s)
+    cols = torch.arange(n, device=slot.device).expand_as(slot)
+    return torch.zeros(slot.shape[0], s + 1, dtype=torch.int64, device=slot.device).scatter(1, slot, cols)[:, :s]
+
+
+def _realized(v: torch.Tensor) -> torch.Tensor:
+    """``v [R, k]`` copied into a fresh buffer by an indexed copy, which inductor always computes into memory (one
+    loop): the reductions that read it then do not recompute ``v`` (scale decoding, gathers) per output row."""
     R, k = v.shape
-    return torch.zeros(R, width, dtype=v.dtype, device=v.device).index_copy(1, torch.arange(k, device=v.device), v)
+    return torch.empty(R, k, dtype=v.dtype, device=v.device).index_copy(1, torch.arange(k, device=v.device), v)
 
 
 def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tensor, row_scale: torch.Tensor,
@@ -167,19 +185,23 @@ def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tenso
         t = t[ids]
         return t.float() if g is None else _decode(t, g)
 
-    y = _plane(qdata[ids], _realized(x * scale(col_scale, None if grid is None else grid[:, 1]), nw * 32))
+    def pad(v):  # [S, n] -> [S, nw * 32], zeros past n
+        return torch.nn.functional.pad(v, (0, nw * 32 - n)) if nw * 32 != n else v
+
+    y = _plane(qdata[ids], _realized(pad(x * scale(col_scale, None if grid is None else grid[:, 1]))))
     if qdata_x is not None:
         for p in range(qdata_x.shape[1]):
             gp = None if grid is None else grid[:, 3 + p]
-            y = y + _plane(qdata_x[ids, p], _realized(x * scale(col_scale_x[:, p], gp), nw * 32))
+            y = y + _plane(qdata_x[ids, p], _realized(pad(x * scale(col_scale_x[:, p], gp))))
     if qdata2 is not None:
         s = col_scale2.shape[1]
-        cols = _slot_columns(salient[ids], n, s)
-        v = _realized(x.gather(1, cols) * scale(col_scale2, None if grid is None else grid[:, 2]), s)
+        slots = _salient_slots(salient[ids], n, s)  # x scattered to the slots (column order = slot order)
+        xv = torch.zeros(S, s + 1, dtype=x.dtype, device=x.device).scatter(1, slots, x)[:, :s]
+        v = _realized(xv * scale(col_scale2, None if grid is None else grid[:, 2]))
         y = y + _salient_plane(qdata2[ids], v, m)
     # decoded in a loop of its own: vectorized exp2, the same as the reference's (a scalar exp2 fused into the
     # reduction's epilogue can differ in the last bit, which the fp16 rounding of the scale may then amplify)
-    y = y * _realized(scale(row_scale, None if grid is None else grid[:, 0]), m)
+    y = y * _realized(scale(row_scale, None if grid is None else grid[:, 0]))
     if mean is not None:
         y = y + x.sum(-1, keepdim=True) * mean[ids].float()
     if order is not None:
