@@ -103,6 +103,24 @@ def test_factor_mm_matches_reference(case):
     _close(ref, dense, f"{case}: reference op vs dequantized factors")
 
 
+def test_dense_grouped_form_matches_reference():
+    """Small experts with many pairs each: all factors dequantized once (bit-equal to ``factor()``), then one GEMM
+    per expert; one expert without pairs."""
+    from torch._inductor.utils import run_and_get_code
+
+    E, m, n = 4, 40, 72
+    w = make_weight(E, m, n, coded=True, planes=2, plane2=3, mean=True)
+    S = cpu.DENSE_MIN_PAIRS_PER_EXPERT * E
+    assert cpu.uses_dense_factors(S, E, m, n) and not cpu.uses_dense_factors(S - 1, E, m, n)
+    row, col, col2 = (t.float() for t in w.scales())
+    Q = cpu._dense_factors(w.qdata, row, col, w.qdata_x, w.extra_scales().float(), w.qdata2, col2, w.salient, w.mean, n)
+    assert torch.equal(Q, w.factor())
+    x, ids = torch.randn(S, n), torch.randint(0, E - 1, (S,))
+    got, code = run_and_get_code(torch.compile(cpu.factor_mm_flat, dynamic=False), x, ids, *cpu._flat_args(w))
+    assert "cpu_grouped_mm" in "\n".join(code)
+    _close(got, w.factor_mm(x, ids), "dense grouped form")
+
+
 def test_factor_mm_no_rows():
     w = make_weight(3, 40, 64)
     out = cpu.cpu_factor_mm(w, torch.zeros(0, 64), torch.zeros(0, dtype=torch.long))
