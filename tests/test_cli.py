@@ -145,12 +145,17 @@ def test_eval_perplexity_and_lm_eval_task_without_reference(mobie_checkpoint, tm
     assert 0 <= mc["acc"] <= 1 and mc["n_samples"] == 8
 
 
-def test_bench_memory_components_speed_and_plot(mobie_checkpoint, tmp_path, capsys):
+def test_bench_memory_components_speed_and_plot(mobie_checkpoint, tmp_path, capsys, monkeypatch):
     js, png = tmp_path / "bench.json", tmp_path / "memory.png"
+    compiled = []  # compiling costs a minute here; that the compiled packed model is right is test_cpu_kernel's job
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
     main(["bench", "--model", str(mobie_checkpoint), "--iters", "1", "--prompt-len", "16", "--new-tokens", "4",
           "--json", str(js), "--plot", str(png)])
-    assert "tokens/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tokens/s" in out
+    assert "torch.compile: on (inductor; packed experts run the fused CPU kernels" in out  # the CPU default
     data = json.loads(js.read_text())
+    assert data["speed"]["compiled"] is True and len(compiled) == 1
     mem = data["memory"]
     assert sum(mem["components"].values()) == mem["model_bytes"]
     assert mem["packed_parameters"] == 4 and mem["experts_plain_bytes"] == 0

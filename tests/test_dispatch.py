@@ -44,6 +44,10 @@ def test_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     assert dispatch.backend_for("cuda", False) == "triton"
     assert dispatch.backend_for("cuda", True) == "reference"  # further full planes: not in the Triton kernels
+    # CPU tensors: the compiled CPU backend (it holds every plane), used only inside a compile trace
+    assert dispatch.backend_for("cpu", False) == dispatch.backend_for("cpu", True) == "cpu"
+    assert dispatch.choose_backend(torch.zeros(2, 3)) == "reference"  # eager
+    monkeypatch.setitem(dispatch.BACKENDS, "cpu", None)
     assert dispatch.backend_for("cpu", False) == "reference"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
     assert dispatch.backend_for("cuda", False) == "reference"

@@ -17,7 +17,8 @@ def add_parser(sub, common) -> None:
         description=describe(
             "Memory of the loaded model per component (packed expert signs, scales, backbone, experts that are not "
             "packed, rest of the model) next to its size in bf16, and prefill / decode throughput (random prompt, "
-            "greedy decode with a KV cache, median of --iters runs after one warm-up) under torch.inference_mode."),
+            "greedy decode with a KV cache, median of --iters runs after one warm-up) under torch.inference_mode; on the "
+            "CPU the model is torch.compiled first (--no-compile: eager), so packed experts run the fused CPU kernels."),
         epilog="example:\n  torchao-mobie bench --model qwen3moe-32e-mobie --json bench.json --plot memory.png")
     b.add_argument("--model", required=True, help=MODEL_HELP)
     b.add_argument("--prompt-len", type=positive_int, default=128, help="prefill tokens (default 128)")
@@ -29,6 +30,9 @@ def add_parser(sub, common) -> None:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
     b.add_argument("--experts-implementation", default=None,
                    help="override the experts implementation (e.g. mobie, grouped_mm, eager)")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model before timing (default: on for the CPU, where packed experts then "
+                        "run the fused CPU kernels; the first, warm-up run compiles)")
     b.add_argument("--json", default=None, help="write memory and speed figures to this JSON file")
     b.add_argument("--plot", default=None, help="write a PNG bar plot of memory per component vs bf16")
     b.set_defaults(fn=cmd_bench)
@@ -36,7 +40,7 @@ def add_parser(sub, common) -> None:
 
 def cmd_bench(args):
     from ..eval.report import format_table
-    from ..eval.speed import throughput
+    from ..eval.speed import compiled_for_bench, throughput
     from ..storage import memory_report
 
     device = device_of(args.device)
@@ -51,10 +55,13 @@ def cmd_bench(args):
         raise CLIError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's context "
                        f"(config.max_position_embeddings={max_pos})")
     mem = memory_report(model)
+    model, compiled, note = compiled_for_bench(model, device, args.compile)
+    print(note)
     print(f"measuring {args.iters} x (prefill {args.batch_size}x{args.prompt_len} + decode {args.new_tokens} tokens) "
           f"on {device} ...", flush=True)
     speed = throughput(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_size=args.batch_size,
                        iters=args.iters)
+    speed["compiled"] = compiled
     rows = [{"component": k, "MB": f"{v / 1e6:.4f}"} for k, v in mem.components().items()]
     rows.append({"component": "total as stored", "MB": f"{mem.model_bytes / 1e6:.4f}"})
     rows.append({"component": "experts in bf16", "MB": f"{mem.experts_bf16_bytes / 1e6:.4f}"})
@@ -65,7 +72,7 @@ def cmd_bench(args):
           f"{mem.packed_parameters} packed parameters; whole model {mem.model_ratio:.1%} of bf16")
     print(f"prefill {speed['prefill_tokens_per_s']:.1f} tokens/s, decode {speed['decode_tokens_per_s']:.1f} tokens/s "
           f"({speed['device']}, {speed['threads']} threads, {speed['dtype']}, experts implementation "
-          f"{speed['experts_implementation']})")
+          f"{speed['experts_implementation']}, {'torch.compile' if compiled else 'eager'})")
     results = {"model": args.model, "memory": {**mem.as_dict(), "components": mem.components()}, "speed": speed}
     if args.json:
         write_json(args.json, results)

@@ -12,12 +12,42 @@ import time
 
 import torch
 
-__all__ = ["throughput"]
+__all__ = ["compiled_for_bench", "throughput"]
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def compiled_for_bench(model, device: torch.device, compile: bool | None = None):
+    """``(model or torch.compile(model), compiled, note)``; ``compile=None``: on for the CPU, where packed MoBiE
+    experts then run the fused kernels of :mod:`torchao_mobie.kernels.cpu` (the deployed path), off elsewhere."""
+    from ..kernels import cpu
+
+    on = compile if compile is not None else device.type == "cpu"
+    if not on:
+        return model, False, "torch.compile: off (eager; packed experts run the reference op)"
+    if device.type != "cpu":
+        note = "torch.compile: on (inductor)"
+    elif cpu.cpu_enabled():
+        note = "torch.compile: on (inductor; packed experts run the fused CPU kernels of torchao_mobie.kernels.cpu)"
+    else:
+        note = ("torch.compile: on; the fused CPU kernels are off (no C++ compiler, or MOBIE_CPU_KERNEL=0), packed "
+                "experts run the reference op")
+    return torch.compile(model), True, note
+
+
+def _cache_kwarg(model) -> str:
+    """``cache`` (transformers >= 5.x renamed it; the old name goes through a deprecation wrapper that makes
+    ``torch.compile`` recompile) or ``past_key_values``."""
+    import inspect
+
+    fwd = getattr(model, "_orig_mod", model).forward
+    try:
+        return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+    except (TypeError, ValueError):  # pragma: no cover - unusual forward
+        return "past_key_values"
 
 
 @torch.inference_mode()
@@ -43,6 +73,7 @@ def throughput(model, *, prompt_len: int = 128, new_tokens: int = 32, batch_size
     ids = torch.randint(0, vocab, (batch_size, prompt_len), generator=g).to(device)
     was_training = model.training
     model.eval()
+    cache_kw = _cache_kwarg(model)
     prefill, decode = [], []
     try:
         for i in range(warmup + iters):
@@ -51,10 +82,10 @@ def throughput(model, *, prompt_len: int = 128, new_tokens: int = 32, batch_size
             out = model(input_ids=ids, use_cache=True)
             _sync(device)
             t1 = time.perf_counter()
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
             for _ in range(new_tokens):
-                out = model(input_ids=tok, past_key_values=past, use_cache=True)
-                past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = model(input_ids=tok, use_cache=True, **{cache_kw: past})
+                past, tok = getattr(out, cache_kw), out.logits[:, -1:].argmax(-1)
             _sync(device)
             t2 = time.perf_counter()
             if i >= warmup:

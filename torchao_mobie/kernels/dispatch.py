@@ -25,6 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from . import cpu
 from .fused import moe_binary_triton, triton_available, triton_error, triton_factor_mm, triton_usable
 from .reference import ACTIVATIONS, moe_binary_reference, reference_factor_mm
 
@@ -72,9 +73,9 @@ class KernelBackend:
 
 BACKENDS: dict[str, KernelBackend | None] = {
     "triton": KernelBackend(factor_mm=triton_factor_mm, moe=moe_binary_triton),
-    # the compiled CPU path (issue 19) plugs in here: KernelBackend(factor_mm=..., backbone_input=...,
-    # backbone_output=..., usable=<e.g. inside a compile trace>, extra_planes=...), moe=None: the reference block
-    "cpu": None,
+    # the compiled CPU path (issue 19): torch ops that inductor fuses, only inside a compile trace on CPU
+    "cpu": KernelBackend(factor_mm=cpu.cpu_factor_mm, backbone_input=cpu.cpu_backbone_input,
+                         backbone_output=cpu.cpu_backbone_output, usable=cpu.use_cpu_path, extra_planes=True),
     "reference": KernelBackend(factor_mm=reference_factor_mm, extra_planes=True),
 }
 
