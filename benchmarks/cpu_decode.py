@@ -105,7 +105,7 @@ def random_packed(E: int, m: int, n: int, salient: int, dtype=torch.bfloat16, g=
     """A ``MoBiETensor [E, m, n]`` of random sign words, 8-bit scale codes (decoded scales 2^-7 .. 2^-3) and
     ``salient`` second-plane columns per expert (random bitmap), per-expert factors (no backbone)."""
     from torchao_mobie.storage.mobie_tensor import MoBiETensor
-    from torchao_mobie.storage.packing import pack_signs
+    from torchao_mobie.kernels.packing import pack_signs
 
     def words(*shape):
         return torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int32, generator=g)

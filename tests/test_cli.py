@@ -153,7 +153,7 @@ def test_bench_memory_components_speed_and_plot(mobie_checkpoint, tmp_path, caps
           "--json", str(js), "--plot", str(png)])
     out = capsys.readouterr().out
     assert "tokens/s" in out
-    assert "torch.compile: on (inductor; packed experts run the fused CPU kernels" in out  # the CPU default
+    assert "torch.compile: on (inductor; packed experts run torchao_mobie.kernels.cpu with " in out  # the CPU default
     data = json.loads(js.read_text())
     assert data["speed"]["compiled"] is True and len(compiled) == 1
     mem = data["memory"]

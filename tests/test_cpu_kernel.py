@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from torchao_mobie.algorithms.scale_codes import encode_log8
-from torchao_mobie.kernels.dispatch import choose_backend
-from torchao_mobie.kernels import cpu
+from torchao_mobie.kernels.dispatch import choose_backend, use_backend
+from torchao_mobie.kernels import cpu, cpu_ext
 from torchao_mobie.storage.mobie_tensor import MoBiETensor
 
 pytestmark = pytest.mark.skipif(not cpu.cpu_available(), reason="inductor needs a C++ compiler")
@@ -20,6 +20,18 @@ pytestmark = pytest.mark.skipif(not cpu.cpu_available(), reason="inductor needs 
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["ext", "inductor"])
+def sign_path(request, monkeypatch):
+    """Both ways to the sign products: the C++ masked adds (``cpu_ext``) and inductor's fused loop."""
+    if request.param == "ext" and not cpu_ext.ext_available():
+        pytest.skip(f"C++ sign products not used here: {cpu_ext.ext_error()}")
+    if request.param == "inductor":
+        monkeypatch.setattr(cpu_ext, "ext_available", lambda: False)
+    torch.compiler.reset()
+    yield request.param
+    torch.compiler.reset()
 
 
 def _signs(*shape):
@@ -92,7 +104,7 @@ CASES = {  # name: (E, m, n, S, weight kwargs); odd sizes exercise the word padd
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_factor_mm_matches_reference(case):
+def test_factor_mm_matches_reference(case, sign_path):
     E, m, n, S, kw = CASES[case]
     w = make_weight(E, m, n, **kw)
     x = torch.randn(S, n)
@@ -185,7 +197,7 @@ def _packed_model(family):
 
 
 @pytest.mark.parametrize("family", list(FAMILY_CONFIGS))
-def test_compiled_experts_match_reference(family):
+def test_compiled_experts_match_reference(family, sign_path):
     """``torch.compile`` of a packed model's MoE block (router, experts, shared expert) uses the fused CPU kernels,
     not the reference op, and matches the eager reference; 3 tokens with top-2 of 6-8 experts leave experts
     without tokens."""
@@ -196,7 +208,8 @@ def test_compiled_experts_match_reference(family):
                                                    and c.down_proj.dim() == 3 for c in m.children()))
     h = torch.randn(1, 3, 64)
     with torch.no_grad():
-        ref = block(h)
+        with use_backend("reference"):
+            ref = block(h)
         torch.compiler.reset()
         got, code = run_and_get_code(torch.compile(block, dynamic=False), h)
     src = "\n".join(code)
@@ -205,10 +218,12 @@ def test_compiled_experts_match_reference(family):
     _close(got, ref, family)
 
 
-def test_cpu_path_is_chosen_only_when_compiling_on_cpu(monkeypatch):
-    """Eager calls keep the reference op; a CPU trace takes the CPU kernels unless ``MOBIE_CPU_KERNEL=0``."""
+def test_cpu_path_is_chosen_when_compiling_on_cpu(monkeypatch):
+    """A CPU trace takes the CPU kernels unless ``MOBIE_CPU_KERNEL=0``; eager calls too once the C++ sign products
+    are built (else the reference op: an eager call would compile)."""
     x = torch.zeros(2, 4)
-    assert choose_backend(x) == "reference"  # eager: the reference op
+    eager = "cpu" if cpu_ext.ext_available() else "reference"
+    assert choose_backend(x) == eager
     model = _packed_model("olmoe")
     calls = []
     real = cpu.factor_mm_flat
@@ -221,7 +236,7 @@ def test_cpu_path_is_chosen_only_when_compiling_on_cpu(monkeypatch):
         with torch.no_grad():
             torch.compile(model, backend="eager")(ids)
         assert bool(calls) is expect, (env, len(calls))
-    assert choose_backend(x) == "reference"
+        assert choose_backend(x) == (eager if expect else "reference")
 
 
 def test_micro_checkpoint_end_to_end(mobie_checkpoint):
@@ -232,7 +247,45 @@ def test_micro_checkpoint_end_to_end(mobie_checkpoint):
     assert any(isinstance(p, MoBiETensor) for p in model.parameters())
     ids = torch.randint(3, model.config.vocab_size, (2, 12))
     with torch.no_grad():
-        ref = model(ids).logits
+        with use_backend("reference"):
+            ref = model(ids).logits
         torch.compiler.reset()
         got = torch.compile(model, dynamic=False)(ids).logits
     _close(got, ref, "micro-qwen3moe packed")
+
+
+# ---- the C++ sign products -------------------------------------------------------------------------------
+
+
+def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., nw]`` int32 -> ``[..., n]`` ±1 (bit ``j % 32`` of word ``j // 32``; set = +1)."""
+    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
+    return bits.reshape(*words.shape[:-1], -1)[..., :n].float() * 2 - 1
+
+
+@pytest.mark.parametrize("E,m,n,S", [(5, 37, 70, 9), (8, 130, 256, 1), (3, 64, 96, 13), (2, 300, 40, 7)])
+def test_ext_sign_products_match_unpacked(E, m, n, S):
+    """Runs of 1-4+ rows per expert, unsorted ids, output tails past the register tiles, experts without rows."""
+    if not cpu_ext.ext_available():
+        pytest.skip(f"C++ sign products not used here: {cpu_ext.ext_error()}")
+    nw, mw, s = (n + 31) // 32, (m + 31) // 32, 11
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (E, m, nw), dtype=torch.int32)
+    words2 = torch.randint(-2 ** 31, 2 ** 31 - 1, (E, s, mw), dtype=torch.int32)
+    ids = torch.randint(0, E - 1, (S,))
+    x, v = torch.randn(S, n), torch.randn(S, s)
+    got = cpu_ext.sign_mm(torch.nn.functional.pad(x, (0, 32 * nw - n)), words, ids)
+    _close(got, torch.einsum("smn,sn->sm", _unpack(words, n)[ids], x), "sign_mm", tol=1e-5)
+    got2 = cpu_ext.sign_mm_t(v, words2, ids, m)
+    _close(got2, torch.einsum("stm,st->sm", _unpack(words2, m)[ids], v), "sign_mm_t", tol=1e-5)
+
+
+def test_ext_rejects_bad_arguments():
+    if not cpu_ext.ext_available():
+        pytest.skip(f"C++ sign products not used here: {cpu_ext.ext_error()}")
+    words = torch.zeros(3, 8, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="63 columns, expected 64"):
+        cpu_ext.sign_mm(torch.zeros(2, 63), words, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_ext.sign_mm(torch.zeros(2, 64), words, torch.tensor([0, 3]))
+    with pytest.raises(RuntimeError, match="one expert id per row"):
+        cpu_ext.sign_mm(torch.zeros(2, 64), words, torch.zeros(3, dtype=torch.long))

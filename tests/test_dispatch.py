@@ -44,9 +44,14 @@ def test_rule(monkeypatch):
     monkeypatch.setattr(dispatch, "triton_available", lambda: True)
     assert dispatch.backend_for("cuda", False) == "triton"
     assert dispatch.backend_for("cuda", True) == "reference"  # further full planes: not in the Triton kernels
-    # CPU tensors: the compiled CPU backend (it holds every plane), used only inside a compile trace
+    # CPU tensors: the CPU backend (it holds every plane), used inside a compile trace, and eagerly once the C++
+    # sign products are built
+    from torchao_mobie.kernels import cpu_ext
+
     assert dispatch.backend_for("cpu", False) == dispatch.backend_for("cpu", True) == "cpu"
-    assert dispatch.choose_backend(torch.zeros(2, 3)) == "reference"  # eager
+    assert dispatch.choose_backend(torch.zeros(2, 3)) == ("cpu" if cpu_ext.ext_available() else "reference")
+    monkeypatch.setattr(cpu_ext, "ext_available", lambda: False)
+    assert dispatch.choose_backend(torch.zeros(2, 3)) == "reference"  # eager without them: the reference op
     monkeypatch.setitem(dispatch.BACKENDS, "cpu", None)
     assert dispatch.backend_for("cpu", False) == "reference"
     monkeypatch.setattr(dispatch, "triton_available", lambda: False)
@@ -72,7 +77,7 @@ def test_a_registered_cpu_backend_runs_the_mobie_experts(packed_experts, monkeyp
     """The seam of the compiled CPU path: registered in BACKENDS["cpu"], its products run the "mobie" experts
     implementation on CPU tensors (the reference block: it has no whole-block kernel here)."""
     ex, x, idx, w = packed_experts
-    with torch.no_grad():
+    with torch.no_grad(), dispatch.use_backend("reference"):
         ref = ex(x, idx, w)
     used = []
 

@@ -23,15 +23,19 @@ def _sync(device: torch.device) -> None:
 def compiled_for_bench(model, device: torch.device, compile: bool | None = None):
     """``(model or torch.compile(model), compiled, note)``; ``compile=None``: on for the CPU, where packed MoBiE
     experts then run the fused kernels of :mod:`torchao_mobie.kernels.cpu` (the deployed path), off elsewhere."""
-    from ..kernels import cpu
+    from ..kernels import cpu, cpu_ext
 
     on = compile if compile is not None else device.type == "cpu"
+    ext = device.type == "cpu" and cpu.cpu_enabled() and cpu_ext.ext_available()
+    signs = ("the C++ sign products of kernels/csrc (AVX-512)" if ext else
+             f"inductor's fused sign loop (C++ sign products unused: {cpu_ext.ext_error()})")
     if not on:
-        return model, False, "torch.compile: off (eager; packed experts run the reference op)"
+        return model, False, ("torch.compile: off (eager; packed experts run " +
+                              (f"the CPU kernels with {signs})" if ext else "the reference op)"))
     if device.type != "cpu":
         note = "torch.compile: on (inductor)"
     elif cpu.cpu_enabled():
-        note = "torch.compile: on (inductor; packed experts run the fused CPU kernels of torchao_mobie.kernels.cpu)"
+        note = f"torch.compile: on (inductor; packed experts run torchao_mobie.kernels.cpu with {signs})"
     else:
         note = ("torch.compile: on; the fused CPU kernels are off (no C++ compiler, or MOBIE_CPU_KERNEL=0), packed "
                 "experts run the reference op")

@@ -36,6 +36,8 @@ import shutil
 
 import torch
 
+from . import cpu_ext
+
 __all__ = ["cpu_available", "cpu_enabled", "use_cpu_path", "cpu_factor_mm", "cpu_backbone_input",
            "cpu_backbone_output", "factor_mm_flat", "BACKBONE_BMM_MIN_ROWS", "SORT_MIN_PAIRS",
            "DENSE_MIN_PAIRS_PER_EXPERT", "DENSE_MAX_BYTES", "uses_dense_factors"]
@@ -79,8 +81,11 @@ def cpu_enabled() -> bool:
 
 def use_cpu_path(x: torch.Tensor) -> bool:
     """Whether the ``"mobie"`` experts implementation should run this path for activations ``x``: CPU tensors
-    inside a ``torch.compile`` trace (eager calls keep the reference op unless they ask for this path)."""
-    return x.device.type == "cpu" and torch.compiler.is_compiling() and cpu_enabled()
+    inside a ``torch.compile`` trace, or eagerly too once the C++ sign products (:mod:`.cpu_ext`) are built
+    (without them an eager call would compile; the reference op runs instead)."""
+    if x.device.type != "cpu" or os.environ.get(ENV_DISABLE, "1") == "0":
+        return False
+    return (torch.compiler.is_compiling() and cpu_enabled()) or cpu_ext.ext_available()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,6 +136,20 @@ def _salient_plane(words2: torch.Tensor, v: torch.Tensor, m: int) -> torch.Tenso
     S, s, mw = words2.shape
     y = _flip(words2, v.view(S, s, 1, 1)).sum(1)  # [S, mw, 32]
     return y.reshape(S, mw * 32)[:, :m]
+
+
+def _sign_products(words: torch.Tensor, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``Σ_j s[ids[i], r, j] xs[i, j]`` -> ``[S, m]``: the C++ masked adds when built, else the fused loop."""
+    if cpu_ext.ext_available():
+        return cpu_ext.sign_mm(xs, words, ids)
+    return _plane(words[ids], _realized(xs))
+
+
+def _salient_products(words2: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, m: int) -> torch.Tensor:
+    """``Σ_t s2[ids[i], t, r] v[i, t]`` -> ``[S, m]`` (the salient plane, signs along the output dim)."""
+    if cpu_ext.ext_available():
+        return cpu_ext.sign_mm_t(v, words2, ids, m)
+    return _salient_plane(words2[ids], _realized(v), m)
 
 
 def _popcount(w: torch.Tensor) -> torch.Tensor:
@@ -245,7 +264,7 @@ def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tenso
         return _factor_mm_dense(x, ids, qdata, row_scale, col_scale, scale_grid, qdata_x, col_scale_x, qdata2,
                                 col_scale2, salient, mean)
     order = None
-    if S >= SORT_MIN_PAIRS:  # consecutive pairs of one expert reuse its words from cache
+    if S >= (2 if cpu_ext.ext_available() else SORT_MIN_PAIRS):  # consecutive pairs of one expert share its words
         ids, order = torch.sort(ids, stable=True)
         x = x[order]
     grid = None if scale_grid is None else scale_grid[ids]
@@ -257,17 +276,16 @@ def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tenso
     def pad(v):  # [S, n] -> [S, nw * 32], zeros past n
         return torch.nn.functional.pad(v, (0, nw * 32 - n)) if nw * 32 != n else v
 
-    y = _plane(qdata[ids], _realized(pad(x * scale(col_scale, None if grid is None else grid[:, 1]))))
+    y = _sign_products(qdata, pad(x * scale(col_scale, None if grid is None else grid[:, 1])), ids)
     if qdata_x is not None:
         for p in range(qdata_x.shape[1]):
             gp = None if grid is None else grid[:, 3 + p]
-            y = y + _plane(qdata_x[ids, p], _realized(pad(x * scale(col_scale_x[:, p], gp))))
+            y = y + _sign_products(qdata_x[:, p], pad(x * scale(col_scale_x[:, p], gp)), ids)
     if qdata2 is not None:
         s = col_scale2.shape[1]
         slots = _salient_slots(salient[ids], n, s)  # x scattered to the slots (column order = slot order)
         xv = torch.zeros(S, s + 1, dtype=x.dtype, device=x.device).scatter(1, slots, x)[:, :s]
-        v = _realized(xv * scale(col_scale2, None if grid is None else grid[:, 2]))
-        y = y + _salient_plane(qdata2[ids], v, m)
+        y = y + _salient_products(qdata2, xv * scale(col_scale2, None if grid is None else grid[:, 2]), ids, m)
     # decoded in a loop of its own: vectorized exp2, the same as the reference's (a scalar exp2 fused into the
     # reduction's epilogue can differ in the last bit, which the fp16 rounding of the scale may then amplify)
     y = y * _realized(scale(row_scale, None if grid is None else grid[:, 0]))
@@ -320,8 +338,8 @@ def cpu_factor_mm(w, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     Inside a ``torch.compile`` trace the ops are inlined into the caller's graph; called eagerly, a compiled
     copy runs (first call per shape family compiles)."""
     args = (x.float().contiguous(), expert_ids.reshape(-1)) + _flat_args(w)
-    if torch.compiler.is_compiling():
-        return factor_mm_flat(*args)
+    if torch.compiler.is_compiling() or (cpu_ext.ext_available() and x.shape[0] > 0):
+        return factor_mm_flat(*args)  # traced into the caller's graph, or eager around the C++ products
     if x.shape[0] == 0:
         return x.new_zeros((0, w.out_features), dtype=torch.float32)
     from torch._dynamo import config as dynamo_config
