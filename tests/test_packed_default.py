@@ -1,6 +1,6 @@
 """MoBiEConfig packs by default (issue 17): ``quantize_model`` / ``quantize_`` leave MoBiETensor experts, bit for
 bit the fake-quant weights of ``packed=False``, holding only the packed bytes; layouts that cannot be packed are
-refused before any weight changes."""
+refused before any weight changes (with an error naming the module)."""
 
 from __future__ import annotations
 
@@ -126,26 +126,78 @@ def test_torchao_flows_pack(micro):
                 assert torch.equal(p.dequantize(), fq[name]), (observe, name)
 
 
-def _tiny_gpt_oss():
+def _tiny(family):
     import transformers as tf
 
-    cfg = tf.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
-                          num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"])
+    extra = dict(layer_types=["full_attention"]) if family == "gpt_oss" else dict(intermediate_size_mlp=64)
+    cfg = tf.AutoConfig.for_model(family, vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_local_experts=4,
+                                  num_experts_per_tok=2, max_position_embeddings=64, **extra)
     torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("_proj_bias"):
+                p.normal_(0, 0.1)
+    return model
 
 
-def test_unpackable_layout_refused_before_any_change():
-    model = _tiny_gpt_oss()
+@pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
+def test_transposed_layouts_pack(family):
+    """gpt_oss and llama4 store [E, in, out] experts: the packed parameters are transposed views of [E, out, in]
+    data, bit for bit packed=False's weights; quantize_ (data-free, torchao) packs them too."""
+    model = _tiny(family)
+    calib = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    cfg = MoBiEConfig(glas=False, rounds=1, refine=0, polish=0)
+    out = {}
+    for packed in (True, False):
+        out[packed] = copy.deepcopy(model)
+        quantize_model(out[packed], replace(cfg, packed=packed), calib, progress=False)
+    fq = dict(out[False].named_parameters())
+    packed_params = {n: p for n, p in out[True].named_parameters() if isinstance(p, S.MoBiETensor)}
+    assert len(packed_params) == 2
+    for name, p in packed_params.items():
+        assert p.transposed and p.shape == fq[name].shape and torch.equal(p.dequantize(), fq[name]), name
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = out[True](ids).logits, out[False](ids).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    if family == "gpt_oss":  # transformers' own experts paths on the packed weights
+        for impl in ("eager", "batched_mm"):  # dequantize the selected experts: the same arithmetic
+            out[True].set_experts_implementation(impl)
+            out[False].set_experts_implementation(impl)
+            with torch.no_grad():
+                assert torch.equal(out[True](ids).logits, out[False](ids).logits), impl
+        out[True].set_experts_implementation("grouped_mm")  # the binary factors, no dequantization
+        with torch.no_grad():
+            assert (out[True](ids).logits - b).abs().max() <= 1e-4 * b.abs().max()
+    data_free = copy.deepcopy(model)
+    quantize_(data_free, replace(cfg, nges=False))
+    assert S.is_packed(data_free) and [e["storage"] for e in quantization_marker(data_free)] == ["packed"]
+
+
+class _CustomExperts(torch.nn.Module):
+    """3D expert weights in a class neither transformers' experts interface nor an adapter knows."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.gate_up_proj = experts.gate_up_proj
+        self.down_proj = experts.down_proj
+
+
+def test_unknown_layout_refused_before_any_change():
+    from torchao_mobie.integrations.transformers import UnsupportedMoELayoutError
+
+    model = _tiny("gpt_oss")
+    model.model.layers[0].mlp.experts = _CustomExperts(model.model.layers[0].mlp.experts)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.experts: packing transposed"):
-        quantize_model(model, MoBiEConfig(rounds=1, refine=0, polish=0), calib, progress=False)
-    with pytest.raises(NotImplementedError, match=r"model\.layers\.0\.mlp\.experts: packing transposed"):
+    match = r"model\.layers\.0\.mlp\.experts \(_CustomExperts\) has 3D expert weights but lacks the layout flags"
+    for packed in (True, False):
+        with pytest.raises(UnsupportedMoELayoutError, match=match):
+            quantize_model(model, MoBiEConfig(packed=packed, rounds=1, refine=0, polish=0), calib, progress=False)
+    with pytest.raises(UnsupportedMoELayoutError, match=match):
         quantize_(model, MoBiEConfig(rounds=1, refine=0, polish=0))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not quantization_marker(model)
-    quantize_model(model, MoBiEConfig(packed=False, rounds=1, refine=0, polish=0), calib, progress=False)
-    assert not S.is_packed(model) and [e["storage"] for e in quantization_marker(model)] == ["fake-quant"]

@@ -1,13 +1,16 @@
 """Per-expert input Hessians of a fused experts module, from the tokens the router sends to each expert.
 
-One forward pre-hook on the experts module sees ``(hidden_states [T, H], top_k_index [T, k],
-top_k_weights [T, k])`` for every transformers family. Per batch, the collector
+One forward pre-hook on the experts module sees one call, read as routed rows by
+:meth:`~torchao_mobie.integrations.transformers.ExpertsInfo.call` (``hidden_states [T, H], top_k_index [T, k],
+top_k_weights [T, k]`` for the transformers experts interface; llama4's score-scaled ``[E*T, H]`` pair rows,
+see :mod:`torchao_mobie.integrations.adapters`). Per batch, the collector
 
 * groups the routing pairs by expert (:mod:`.routing`) and adds ``X_eᵀ X_e`` for ``gate_up_proj`` and
   ``A_eᵀ A_e`` for ``down_proj``, where ``A_e = act(X_e W_gate,eᵀ)·(X_e W_up,eᵀ)`` is computed with the
   module's *current* gate_up weights (one matmul per expert, no per-token outer products);
 * adds the layer-level sums ``Σ x`` and ``Σ x xᵀ`` over all tokens entering the module (router-input
-  statistics and the ``gate_up_proj`` fallback Hessian);
+  statistics and the ``gate_up_proj`` fallback Hessian; for llama4 the selected pair rows, i.e. the
+  score-scaled expert inputs);
 * for experts still below ``min_expert_tokens``, adds the expert's own down-proj inputs over all tokens
   (the ``down_proj`` fallback, see :mod:`.fallback`).
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..integrations.transformers import PROJECTIONS, ExpertsInfo, experts_call_args
+from ..integrations.transformers import PROJECTIONS, ExpertsCall, ExpertsInfo
 from .fallback import DEFAULT_MIN_EXPERT_TOKENS, FallbackEvent
 from .hessian import add_outer, check_finite_activations
 from .router import RouterInputStats
@@ -121,36 +124,56 @@ class ExpertStatsCollector:
             self._handle = None
 
     def _hook(self, module, args, kwargs):
-        hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
+        call = self.experts.call(args, kwargs)
+        top_k_index, top_k_weights = call.top_k_index, call.top_k_weights
         if self.routing_weighted and top_k_weights is not None:
             # the MoE block output is Σ g_e·expert_e(x): an error of expert e on token t is scaled by g_te
             w = top_k_weights.detach().float().reshape(top_k_index.shape) ** 2
-            kept = w if self.token_mask is None else w[self.token_mask.reshape(-1).to(w.device, torch.bool)]
+            valid = (top_k_index >= 0) & (top_k_index < self.experts.num_experts)
+            mask = call.rows(self.token_mask)
+            if mask is not None:
+                valid &= mask.reshape(-1, 1).to(valid.device, torch.bool)
+            kept = w[valid.to(w.device)]
             self._pair_w_sum += float(kept.sum())
             self._pair_n += kept.numel()
-            self.observe(hidden_states, top_k_index, top_k_weights, pair_weights=w)
+            self.observe_call(call, pair_weights=w)
             return None
-        self.observe(hidden_states, top_k_index, top_k_weights)
+        self.observe_call(call)
         return None
+
+    def observe_call(self, call: ExpertsCall, *, pair_weights: torch.Tensor | None = None) -> None:
+        """:meth:`observe` of one call read by :meth:`ExpertsInfo.call` (rows that are not the batch's tokens
+        get the token masks through ``call.token_index``)."""
+        self.observe(call.hidden, call.top_k_index, call.top_k_weights, pair_weights=pair_weights,
+                     token_index=call.token_index, in_layer=call.in_layer)
 
     # -- accumulation ------------------------------------------------------------------------------
 
     @torch.no_grad()
     def observe(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor | None = None, *, pair_weights: torch.Tensor | None = None) -> None:
+                top_k_weights: torch.Tensor | None = None, *, pair_weights: torch.Tensor | None = None,
+                token_index: torch.Tensor | None = None, in_layer: torch.Tensor | None = None) -> None:
         """Add one batch. ``top_k_weights`` is accepted for interface symmetry; Hessians are unweighted
         by routing probabilities (as BiLLM/ARB apply per expert); ``pair_weights [T, k]`` weights each
         (token, slot) pair (GLAS extension point; a ``routing_weighted`` collector passes ``g²`` from its
-        hook, so each expert's Hessian measures its share of the MoE block's output error)."""
+        hook, so each expert's Hessian measures its share of the MoE block's output error).
+        ``token_index [N]``: the batch token of each row when the rows are not the tokens (the masks are per
+        token); ``in_layer [N]``: the rows counted in the layer-level sums (default: all)."""
         info = self.experts
         x = hidden_states.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
         check_finite_activations(x, info.fqn or "experts module")
-        mask = self.token_mask
+        call = ExpertsCall(x, top_k_index, top_k_weights, token_index=None if token_index is None
+                           else token_index.to(self.device))
+        mask = call.rows(self.token_mask)
         if mask is not None:
             mask = mask.reshape(-1).to(device=self.device, dtype=torch.bool)
             if mask.numel() != x.shape[0]:
                 raise ValueError(f"token_mask has {mask.numel()} entries for {x.shape[0]} tokens")
-        x_layer = x if mask is None else x[mask]
+        layer_rows = mask
+        if in_layer is not None:
+            in_layer = in_layer.reshape(-1).to(device=self.device, dtype=torch.bool)
+            layer_rows = in_layer if mask is None else mask & in_layer
+        x_layer = x if layer_rows is None else x[layer_rows]
         self.layer_sum_x += x_layer.sum(0)
         add_outer(self.layer_sum_xxt, x_layer)
         self.layer_tokens += x_layer.shape[0]
@@ -161,7 +184,7 @@ class ExpertStatsCollector:
         if self.heldback:
             held = torch.zeros(x.shape[0], dtype=torch.bool, device=self.device)
             if self.heldback_mask is not None:
-                held = self.heldback_mask.reshape(-1).to(device=self.device, dtype=torch.bool)
+                held = call.rows(self.heldback_mask).reshape(-1).to(device=self.device, dtype=torch.bool)
             keep = torch.ones_like(held) if mask is None else mask
             parts = [(keep & ~held, self.fit_sums, self.fit_counts), (keep & held, self.sums, None)]
         for part_mask, sums, part_counts in parts:

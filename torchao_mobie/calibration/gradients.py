@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..integrations.transformers import ExpertsInfo, experts_call_args
+from ..integrations.transformers import ExpertsInfo
 from .experts import ExpertStatsCollector
 
 __all__ = ["GLASWeights", "compute_glas_weights", "pair_gradient_weights", "GLASCollector", "match_pair_weights"]
@@ -85,7 +85,7 @@ def pair_gradient_weights(info: ExpertsInfo, x: torch.Tensor, top_k_index: torch
         # one backward through the (row-wise) gated activation for all pairs of the layer
         with torch.enable_grad():
             z = torch.cat(zs).requires_grad_(True)
-            h = info.module._apply_gate(z)
+            h = info.apply_gate(z)
             (gz,) = torch.autograd.grad(h, z, grad_outputs=torch.cat(ghs))
         t, s = torch.cat(ts), torch.cat(ss)
         w_gu[t, s] = gz.pow(2).mean(-1).cpu()
@@ -110,7 +110,8 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
 
     def make_hook(info):
         def hook(module, args, kwargs, output):
-            hs, ti, tw = experts_call_args(args, kwargs)
+            call = info.call(args, kwargs)  # rows: tokens (llama4: score-scaled pair rows, output weight 1)
+            hs, ti, tw = call.hidden, call.top_k_index, call.top_k_weights
             out = output[0] if isinstance(output, (tuple, list)) else output
             if out.requires_grad:
                 out.retain_grad()
@@ -190,10 +191,10 @@ class GLASCollector(ExpertStatsCollector):
     def _hook(self, module, args, kwargs):
         if self.fp_routing is None:
             return None
-        hidden_states, top_k_index, top_k_weights = experts_call_args(args, kwargs)
+        call = self.experts.call(args, kwargs)
         fp_index, fp_w = self.fp_routing
-        w = match_pair_weights(top_k_index.cpu(), fp_index, fp_w).to(self.device)
-        self.observe(hidden_states, top_k_index, top_k_weights, pair_weights=w)
+        w = match_pair_weights(call.top_k_index.cpu(), fp_index, fp_w).to(self.device)
+        self.observe_call(call, pair_weights=w)
         return None
 
     def guided_hessian(self, projection: str) -> torch.Tensor:

@@ -129,7 +129,7 @@ def cmd_quantize(args):
         try:
             for e in layout.experts():
                 check_packable(e.module, e.fqn)
-        except NotImplementedError as e:  # e.g. transposed experts: keep the work, save fake-quant
+        except NotImplementedError as e:  # a layout MoBiETensor cannot hold (none that discovery accepts today)
             logging.getLogger("torchao_mobie").warning("cannot pack this model (%s); saving it fake-quant", e)
             packed, why_fake = False, f"packing not supported: {e}"
     if isinstance(cfg, MoBiEConfig):

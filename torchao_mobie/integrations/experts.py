@@ -5,6 +5,12 @@ checkpoint) routes every fused experts module through :func:`mobie_experts_forwa
 weights to the kernel dispatch (:func:`~torchao_mobie.kernels.dispatch.moe_experts`): the fused Triton
 kernels on a GPU, the PyTorch reference elsewhere, with no graph break under ``torch.compile``. Modules
 whose weights are not :class:`~torchao_mobie.storage.MoBiETensor` fall back to transformers' ``grouped_mm``.
+
+Every layout of the interface runs: the kernels read the packed data, always ``[E, out, in]`` (a transposed
+module's parameters are transposed views of it); biases (kept as plain parameters in their own dtype) and a
+gating other than ``act(gate) * up`` on concatenated halves (gpt_oss: interleaved gate/up, clamped
+``(up + 1) * gate * sigmoid(alpha * gate)``) go to the reference block forward, which adds the biases to the
+fp32 factor products and calls the module's own ``_apply_gate``.
 """
 
 from __future__ import annotations
@@ -44,9 +50,6 @@ def mobie_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    if self.is_transposed:
-        raise NotImplementedError(f"{type(self).__name__}: the 'mobie' experts implementation does not support "
-                                  "transposed expert weights (is_transposed=True)")
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("the 'mobie' experts implementation does not support expert parallelism")
     return moe_experts(hidden_states, top_k_index, top_k_weights, up, down, has_gate=self.has_gate,

@@ -12,10 +12,18 @@ interface (``integrations/moe.py``). Its two fused 3D parameters are, in the def
   experts (``shared_expert``/``shared_experts``, gated or not), gates kept in full precision
   (``shared_expert_gate``), the attention linears, and the dense MLP of non-MoE layers.
 
-Verified on qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v2, deepseek_v3 and gpt_oss (transposed,
-interleaved gate/up, biases: supported because every consumer goes through :class:`ExpertsInfo`).
-Experts without the interface flags (e.g. llama4's ``Llama4TextExperts``) or without a gate
-(``has_gate=False``) are rejected with :class:`UnsupportedMoELayoutError`.
+Verified on every MoE text family of transformers 5 (tests/test_families.py), gpt_oss included (transposed
+``[E, in, out]`` weights, interleaved gate/up, biases, a clamped activation: every consumer goes through
+:class:`ExpertsInfo`, whose :meth:`~ExpertsInfo.weight` is always ``[E, out, in]`` and whose gating is the
+module's own). Experts classes without the interface flags are read through an adapter (:mod:`.adapters`:
+llama4's ``Llama4TextExperts``); any other such class, and experts without a gate (``has_gate=False``),
+are rejected with :class:`UnsupportedMoELayoutError` naming the module.
+
+Row order of ``gate_up_proj``: the algorithms see ``weight("gate_up_proj")``, the ``[E, 2I, H]`` matrix
+whose row ``r`` is output ``r`` of the stored projection, in storage order: gate rows then up rows for
+concatenated layouts, ``gate_0, up_0, gate_1, up_1, ...`` for gpt_oss (interleaved). Packing keeps that
+order, so the packed factor's rows are the checkpoint's output columns and the module's own gating reads
+the packed projection's output as it reads the original one.
 """
 
 from __future__ import annotations
@@ -25,8 +33,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapters import ADAPTERS, ExpertsAdapter, ExpertsCall, UnsupportedMoELayoutError, adapter_of, interface_call
+
 __all__ = [
     "PROJECTIONS",
+    "ExpertsCall",
     "ExpertsInfo",
     "LinearInfo",
     "MoEBlockInfo",
@@ -52,10 +63,6 @@ _EXPERTS_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 
 class NoMoELayersError(ValueError):
     """The model has no fused MoE experts module, so there is nothing for this backend to binarize."""
-
-
-class UnsupportedMoELayoutError(ValueError):
-    """An experts module exists but its layout is not one this backend knows how to read."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,6 +95,8 @@ class ExpertsInfo:
     has_bias: bool
     is_transposed: bool
     is_concatenated: bool
+    #: the layout of a class without the experts-interface flags (None: the interface's own)
+    adapter: ExpertsAdapter | None = None
 
     def in_features(self, projection: str) -> int:
         _check_projection(projection)
@@ -122,19 +131,32 @@ class ExpertsInfo:
         src = w3d.transpose(-1, -2) if self.is_transposed else w3d
         param.data.copy_(src.to(device=param.device, dtype=param.dtype))
 
+    def apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The module's own gating: ``gate_up`` output ``[.., 2I]`` -> ``down_proj`` input ``[.., I]`` (handles
+        interleaved gate/up and clamped activations such as GPT-OSS's)."""
+        if self.adapter is not None:
+            return self.adapter.apply_gate(self.module, gate_up)
+        return self.module._apply_gate(gate_up)
+
+    def call(self, args: tuple, kwargs: dict) -> ExpertsCall:
+        """One forward call of the module (as a forward hook sees it) as routed rows (:class:`ExpertsCall`)."""
+        if self.adapter is not None:
+            return self.adapter.call(self.module, args, kwargs)
+        return interface_call(args, kwargs)
+
     def down_input(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """Input of ``down_proj`` for tokens ``x [n, H]`` routed to ``expert``: ``act(gate) * up``.
+        """Input of ``down_proj`` for rows ``x [n, H]`` routed to ``expert``: ``act(gate) * up``.
 
         Computed in fp32 from the module's *current* ``gate_up_proj`` (so after gate_up has been
         binarized it is the input the binarized model really feeds to down_proj), with the module's own
-        ``_apply_gate`` (handles interleaved gate/up and clamped activations such as GPT-OSS).
+        gating (:meth:`apply_gate`).
         """
         w = self.weight("gate_up_proj")[expert].float()
         gate_up = x.float() @ w.t()
         b = self.bias("gate_up_proj")
         if b is not None:
             gate_up = gate_up + b[expert].float()
-        return self.module._apply_gate(gate_up)
+        return self.apply_gate(gate_up)
 
 
 def _check_projection(projection: str) -> None:
@@ -149,21 +171,26 @@ def experts_info(module: nn.Module, fqn: str = "") -> ExpertsInfo:
         raise UnsupportedMoELayoutError(
             f"{name} ({type(module).__name__}) is not a fused experts module: expected 3D parameters "
             "`gate_up_proj` and `down_proj`")
+    adapter = None
     missing = [f for f in _EXPERTS_FLAGS if not hasattr(module, f)]
     if missing:
-        raise UnsupportedMoELayoutError(
-            f"{name} ({type(module).__name__}) has 3D expert weights but lacks the layout flags {missing} that "
-            "transformers' `use_experts_implementation` sets; only experts modules using the transformers "
-            "experts interface (forward(hidden_states, top_k_index, top_k_weights)) are supported")
-    if not module.has_gate:
+        adapter = adapter_of(module)
+        if adapter is None:
+            raise UnsupportedMoELayoutError(
+                f"{name} ({type(module).__name__}) has 3D expert weights but lacks the layout flags {missing} that "
+                "transformers' `use_experts_implementation` sets, and no torchao_mobie adapter knows its class; only "
+                "experts modules using the transformers experts interface (forward(hidden_states, top_k_index, "
+                f"top_k_weights)) and the adapted classes ({', '.join(sorted(ADAPTERS))}) are supported")
+    flags = {f: bool(getattr(adapter if adapter is not None else module, f)) for f in _EXPERTS_FLAGS}
+    if not flags["has_gate"]:
         raise UnsupportedMoELayoutError(
             f"{name} ({type(module).__name__}) has has_gate=False (no gate projection); expected gated experts "
             "with `gate_up_proj` holding gate and up rows")
-    if not hasattr(module, "_apply_gate"):
+    if adapter is None and not hasattr(module, "_apply_gate"):
         raise UnsupportedMoELayoutError(f"{name} ({type(module).__name__}) has no `_apply_gate` method")
     gu, dn = module.gate_up_proj, module.down_proj
     e = gu.shape[0]
-    if module.is_transposed:
+    if flags["is_transposed"]:
         hidden, two_i = gu.shape[1], gu.shape[2]
         inter, hidden_dn = dn.shape[1], dn.shape[2]
         expected = "gate_up_proj [E, H, 2I] and down_proj [E, I, H] (is_transposed=True)"
@@ -175,29 +202,15 @@ def experts_info(module: nn.Module, fqn: str = "") -> ExpertsInfo:
         raise UnsupportedMoELayoutError(
             f"{name} ({type(module).__name__}): expected {expected}, got gate_up_proj {list(gu.shape)} and "
             f"down_proj {list(dn.shape)}")
-    return ExpertsInfo(fqn=fqn, module=module, num_experts=e, hidden_dim=hidden, intermediate_dim=inter,
-                       has_gate=bool(module.has_gate), has_bias=bool(module.has_bias),
-                       is_transposed=bool(module.is_transposed), is_concatenated=bool(module.is_concatenated))
-
-
-_HIDDEN_NAMES = ("hidden_states",)
-_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts")
-_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores")
+    return ExpertsInfo(fqn=fqn, module=module, num_experts=e, hidden_dim=hidden, intermediate_dim=inter, **flags,
+                       adapter=adapter)
 
 
 def experts_call_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(hidden_states, top_k_index, top_k_weights)`` of an experts-module call, positional or keyword."""
-    values = list(args[:3])
-    for names in (_HIDDEN_NAMES, _INDEX_NAMES, _WEIGHT_NAMES)[len(values):]:
-        for n in names:
-            if n in kwargs:
-                values.append(kwargs[n])
-                break
-        else:
-            raise UnsupportedMoELayoutError(
-                "experts module called without (hidden_states, top_k_index, top_k_weights); got "
-                f"{len(args)} positional arguments and keywords {sorted(kwargs)}")
-    return values[0], values[1], values[2]
+    """``(hidden_states, top_k_index, top_k_weights)`` of an experts-interface call, positional or keyword
+    (:meth:`ExpertsInfo.call` also reads the calls of adapted classes)."""
+    c = interface_call(args, kwargs)
+    return c.hidden, c.top_k_index, c.top_k_weights
 
 
 # --------------------------------------------------------------------------------------------------

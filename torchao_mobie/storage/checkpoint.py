@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .hf_quantizer import attach_quantizer
+from .hf_quantizer import attach_quantizer, set_experts_implementation
 from .mobie_tensor import MoBiETensor
 from .serialization import WEIGHTS_NAME, MoBiECheckpointError, _split, flatten_state_dict, read_checkpoint
 
@@ -44,8 +44,7 @@ def load_quantized(save_directory: str, *, experts_implementation: str = "mobie"
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
     load_state_dict_packed(model, state, path)
-    if experts_implementation is not None:
-        model.set_experts_implementation(experts_implementation)
+    set_experts_implementation(model, experts_implementation)
     attach_quantizer(model)
     return model.eval()
 

@@ -50,11 +50,13 @@ def _find_factors(module: nn.Module, projection: str):
 
 def check_packable(module: nn.Module, name: str = "") -> None:
     """Raise (naming the module) for an experts layout :class:`MoBiETensor` cannot hold; called before a
-    packing quantization run changes any weight."""
-    if getattr(module, "is_transposed", False):
-        raise NotImplementedError(f"{name or type(module).__name__}: packing transposed experts weights "
-                                  "(is_transposed=True, e.g. GPT-OSS) is not supported; quantize with "
-                                  "MoBiEConfig(packed=False) for fake-quant weights")
+    packing quantization run changes any weight.
+
+    Every layout :func:`~torchao_mobie.integrations.transformers.experts_info` reads is packable: the packed
+    data is always in the ``[E, out, in]`` orientation, and a transposed module (``[E, in, out]``: gpt_oss,
+    llama4) gets a transposed view of it as its parameter, of the parameter's own shape. Any other layout is
+    rejected here with :class:`~torchao_mobie.integrations.transformers.UnsupportedMoELayoutError`."""
+    experts_info(module, name)
 
 
 def packs(config) -> bool:
@@ -85,16 +87,19 @@ def pack_projection(module: nn.Module, projection: str, name: str = "", *, check
 @torch.no_grad()
 def pack_experts(module: nn.Module, projection: str, factors, *, check: bool = True, name: str = "") -> MoBiETensor:
     """Replace ``module.<projection>`` by the packed weight built from ``factors`` (:class:`CEJDFactors` or its
-    dict form, see :meth:`MoBiETensor.from_parts`).
+    dict form, see :meth:`MoBiETensor.from_parts`; always ``[E, out, in]``, transposed to the parameter's
+    ``[E, in, out]`` for ``is_transposed`` layouts).
 
     check: the packed weight's :meth:`~MoBiETensor.dequantize` must equal the module's current
     (fake-quant) weight bit for bit; a mismatch raises (factors and weight are from different runs).
     """
-    check_packable(module, name)
+    transposed = experts_info(module, name).is_transposed
     old = getattr(module, projection)
     if isinstance(old, MoBiETensor):
         raise RuntimeError(f"{name}.{projection} is already packed")
-    t = MoBiETensor.from_parts(factors, dtype=old.dtype)
+    t = MoBiETensor.from_parts(factors, dtype=old.dtype)  # [E, out, in]
+    if transposed:  # the parameter is [E, in, out]: a transposed view of the same packed data
+        t = t.transpose(-2, -1)
     if tuple(t.shape) != tuple(old.shape):
         raise ValueError(f"{name}.{projection}: the factors describe {list(t.shape)}, the parameter is {list(old.shape)}")
     t = t.to(old.device)

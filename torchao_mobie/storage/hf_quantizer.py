@@ -1,7 +1,8 @@
 """Hugging Face ``save_pretrained`` / ``from_pretrained`` of packed MoBiE models.
 
 Registers a quantization method ``"mobie"`` with transformers (``register_quantization_config`` +
-``register_quantizer``): ``config.json`` carries ``{"quant_method": "mobie", "format_version": 1}``,
+``register_quantizer``): ``config.json`` carries ``{"quant_method": "mobie", "format_version": 2}`` (3 with
+transposed packed parameters),
 the weights file is the format of :mod:`torchao_mobie.storage.serialization` (flattened
 ``<module>._<param>_<data>`` tensors + JSON metadata with checksums). Our own quantizer declares its own
 serialized names, so the field names are free (torchao's ``TorchAoConfig`` route only accepts the
@@ -39,11 +40,12 @@ from .serialization import (
     check_metadata,
     checksums,
     flatten_state_dict,
+    format_version,
     stored_key,
     verify_file,
 )
 
-__all__ = ["MoBiEHfConfig", "MoBiEHfQuantizer", "attach_quantizer", "QUANT_METHOD"]
+__all__ = ["MoBiEHfConfig", "MoBiEHfQuantizer", "attach_quantizer", "QUANT_METHOD", "set_experts_implementation"]
 
 QUANT_METHOD = "mobie"
 _DATA_NAMES = ["qdata", "row_scale", "col_scale", "backbone", "backbone_scale", "qdata2", "col_scale2", "salient",
@@ -165,9 +167,7 @@ class MoBiEHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        impl = getattr(self.quantization_config, "experts_implementation", None)
-        if impl and hasattr(model, "set_experts_implementation"):
-            model.set_experts_implementation(impl)
+        set_experts_implementation(model, getattr(self.quantization_config, "experts_implementation", None))
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
@@ -219,9 +219,23 @@ def _as_transformers_writes(model, tensors: dict) -> dict:
     return revert_weight_conversion(model, dict(tensors))
 
 
+def set_experts_implementation(model, impl: str | None) -> bool:
+    """``model.set_experts_implementation(impl)`` where the model's experts use transformers' experts interface;
+    False (nothing set) for ``impl=None`` and for models whose experts do not (llama4: its packed experts run
+    through :class:`MoBiETensor`'s ``bmm``, see :mod:`.mobie_ops`)."""
+    if not impl or not hasattr(model, "set_experts_implementation"):
+        return False
+    can = getattr(type(model), "_can_set_experts_implementation", None)
+    if can is not None and not can():
+        return False
+    model.set_experts_implementation(impl)
+    return True
+
+
 def attach_quantizer(model) -> None:
-    """Mark a packed model as ``"mobie"``-quantized so ``save_pretrained`` writes the packed format."""
-    cfg = MoBiEHfConfig()
+    """Mark a packed model as ``"mobie"``-quantized so ``save_pretrained`` writes the packed format (version 3
+    when it holds a transposed packed parameter, else 2: :func:`~.serialization.format_version`)."""
+    cfg = MoBiEHfConfig(format_version=format_version(model.parameters()))
     model.config.quantization_config = cfg
     q = MoBiEHfQuantizer(cfg, pre_quantized=True)
     model.hf_quantizer = q

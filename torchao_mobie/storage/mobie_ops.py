@@ -3,8 +3,11 @@ implementations (eager, batched_mm, grouped_mm) run on packed weights.
 
 ``eager`` / ``batched_mm`` select or index experts (only those are dequantized); ``grouped_mm`` transposes the
 weight (a lazy view) and calls ``_grouped_mm``, which runs the binary factors through the kernel dispatch
-(:func:`~torchao_mobie.kernels.dispatch.factor_mm`) without dequantizing. Importing this module fills the
-table (``torchao_mobie.registrations`` does, with every other import-time registration).
+(:func:`~torchao_mobie.kernels.dispatch.factor_mm`) without dequantizing. Experts classes outside the experts
+interface that multiply by their ``[E, in, out]`` weights with ``torch.bmm`` (llama4's ``Llama4TextExperts``:
+every expert on every token, ``routed_in [E, T, H] @ gate_up_proj``) run the binary factors the same way
+(:func:`packed_bmm`). Importing this module fills the table (``torchao_mobie.registrations`` does, with every
+other import-time registration).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from .mobie_tensor import MoBiETensor
 
-__all__ = ["packed_grouped_mm", "register_grouped_mm_fallback"]
+__all__ = ["packed_bmm", "packed_grouped_mm", "register_grouped_mm_fallback"]
 
 aten = torch.ops.aten
 # ----------------------------------------------------------------------------------------------
@@ -90,6 +93,39 @@ def _(func, types, args, kwargs):
     if bias is not None:
         raise NotImplementedError("MoBiETensor: _grouped_mm with bias")
     return y.to(out_dtype) if out_dtype is not None else y
+
+
+def packed_bmm(x: torch.Tensor, w: "MoBiETensor") -> torch.Tensor:
+    """``x [E, T, n] @ w [E, n, m]`` (the transposed packed weight: ``x[e] @ W_eᵀ`` of the ``[E, m, n]`` data) ->
+    ``[E, T, m]`` in ``w.dtype``. Outside a compile trace, all-zero rows (llama4's tokens an expert was not
+    routed: their router score is 0) are skipped: their product is zero (the factors have no bias)."""
+    if not w.transposed:
+        raise NotImplementedError("MoBiETensor: bmm(x, w) needs the [E, in, out] (transposed) view of the packed "
+                                  "weight (x [E, T, in] @ w)")
+    E, T, n = x.shape
+    if E != w.num_experts or n != w.in_features:
+        raise ValueError(f"MoBiETensor: bmm of x {list(x.shape)} with a packed weight {list(w.shape)}")
+    rows = x.reshape(E * T, n)
+    ids = torch.arange(E, device=x.device).repeat_interleave(T)
+    keep = None
+    if not torch.compiler.is_compiling():
+        keep = rows.ne(0).any(-1).nonzero().squeeze(-1)
+        if keep.numel() == rows.shape[0]:
+            keep = None
+        else:
+            rows, ids = rows.index_select(0, keep), ids.index_select(0, keep)
+    y = w.backbone_output(w.factor_mm(w.backbone_input(rows.float()), ids))
+    if keep is not None:
+        y = y.new_zeros(E * T, y.shape[-1]).index_copy_(0, keep, y)
+    return y.to(w.dtype).view(E, T, -1)
+
+
+@implements(aten.bmm.default)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    if not isinstance(w, MoBiETensor) or isinstance(x, MoBiETensor) or x.dim() != 3:
+        raise NotImplementedError("MoBiETensor: only bmm(x [E, T, in], packed weight [E, in, out]) is supported")
+    return packed_bmm(x, w)
 
 
 @implements([aten.t.default])

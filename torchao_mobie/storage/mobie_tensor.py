@@ -314,8 +314,8 @@ class MoBiETensor(TorchAOBaseTensor):
         M = self.backbone_matrix()
         if M is not None:
             Q = M @ Q if self.side == "output" else Q @ M
-        if self.transposed:
-            Q = Q.transpose(-1, -2)
+        if self.transposed:  # contiguous, as the dense [E, in, out] parameter it stands for (same BLAS paths)
+            Q = Q.transpose(-1, -2).contiguous()
         return Q.to(output_dtype or self.dtype)
 
     # ------------------------------------------------------------------------------------------

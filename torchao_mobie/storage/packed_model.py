@@ -11,7 +11,7 @@ from torch import nn
 from ..integrations.transformers import PROJECTIONS, is_experts_module
 from ..marker import mark_packed
 from .convert import FACTORS_ATTR, is_packed, pack_experts, pack_projection
-from .hf_quantizer import attach_quantizer
+from .hf_quantizer import attach_quantizer, set_experts_implementation
 from .mobie_tensor import MoBiETensor
 
 __all__ = ["finish_if_packed", "finish_packed", "pack_model"]
@@ -27,8 +27,7 @@ def finish_packed(model: nn.Module, *, experts_implementation: str | None = "mob
                   attach_hf_quantizer: bool = True) -> None:
     """What a model with packed experts needs around them: the experts implementation, ``storage="packed"``
     in the quantization marker and the ``"mobie"`` HF quantizer (``save_pretrained`` writes the packed format)."""
-    if experts_implementation is not None and hasattr(model, "set_experts_implementation"):
-        model.set_experts_implementation(experts_implementation)
+    set_experts_implementation(model, experts_implementation)
     mark_packed(model)
     if attach_hf_quantizer and hasattr(model, "config"):
         attach_quantizer(model)

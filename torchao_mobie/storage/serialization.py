@@ -4,9 +4,12 @@ A packed parameter ``<module>.<param>`` is stored as plain tensors ``<module>._<
 (torchao's naming: ``model.layers.0.mlp.experts._gate_up_proj_qdata``) and described in the file's
 string metadata:
 
-* ``mobie_format`` = ``"mobie-packed"``, ``mobie_format_version`` = ``"2"`` (:data:`FORMAT_VERSION`; version 1, with fp16 scales, is read too);
+* ``mobie_format`` = ``"mobie-packed"``, ``mobie_format_version`` = ``"2"``, or ``"3"`` when the file holds a
+  transposed parameter (:func:`format_version`; version 1, with fp16 scales, is read too);
 * ``mobie_tensors``: JSON ``{param fqn: {"shape": [E, m, n], "dtype": "bfloat16", "side": "output",
-  "data": [data names]}}``;
+  "data": [data names]}}``, plus ``"transposed": true`` (version 3) for the parameter of a transposed
+  experts layout (gpt_oss, llama4: ``shape`` is the parameter's ``[E, in, out]``, the stored data stays in
+  the ``[E, out, in]`` orientation of every packed weight);
 * ``mobie_checksums``: JSON ``{stored key: crc32 of its bytes}`` for every tensor of the file;
 * ``mobie_checksums_converted`` (``save_pretrained`` only, when transformers changes anything): the same for
   the tensors as transformers writes them. transformers 5 reverts its checkpoint conversion mapping on save
@@ -32,11 +35,15 @@ from .mobie_tensor import MoBiETensor
 from ..kernels.packing import packed_length
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MoBiECheckpointError", "flatten_state_dict",
-           "unflatten_state_dict", "read_checkpoint", "WEIGHTS_NAME"]
+           "format_version", "unflatten_state_dict", "read_checkpoint", "WEIGHTS_NAME"]
 
 FORMAT_NAME = "mobie-packed"
-FORMAT_VERSION = 2  # 2: scales as 8-bit log codes + scale_grid; 1 (fp16 scales) is still read
-READABLE_VERSIONS = (1, 2)
+# 3: transposed parameters ("transposed" in mobie_tensors; written only by files that hold one, so that
+#    the others stay readable by version-2 readers, which would misread a square transposed weight);
+# 2: scales as 8-bit log codes + scale_grid; 1 (fp16 scales) is still read
+FORMAT_VERSION = 3
+PLAIN_VERSION = 2  # what a file without transposed parameters is written as
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -69,6 +76,12 @@ def stored_key(fqn: str, data_name: str) -> str:
     return f"{mod}._{p}_{data_name}" if mod else f"_{p}_{data_name}"
 
 
+def format_version(tensors) -> int:
+    """The format version a file holding ``tensors`` (packed or not) is written as: 3 when one of them is a
+    transposed packed parameter, else 2."""
+    return FORMAT_VERSION if any(isinstance(t, MoBiETensor) and t.transposed for t in tensors) else PLAIN_VERSION
+
+
 def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Plain tensors + string metadata for safetensors (shared plain tensors stored once)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -77,11 +90,11 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
     by_storage: dict[tuple, str] = {}
     for fqn, t in state_dict.items():
         if isinstance(t, MoBiETensor):
-            if t.transposed:
-                raise ValueError(f"{fqn}: cannot store a transposed view of a MoBiETensor")
             names, attrs = t.__tensor_flatten__()
             described[fqn] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "side": attrs["side"],
                               "data": list(names)}
+            if t.transposed:
+                described[fqn]["transposed"] = True
             for n in names:
                 tensors[stored_key(fqn, n)] = getattr(t, n).detach().contiguous()
             continue
@@ -93,7 +106,8 @@ def flatten_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
         if key is not None:
             by_storage[key] = fqn
         tensors[fqn] = t.contiguous()
-    meta = {"format": "pt", "mobie_format": FORMAT_NAME, "mobie_format_version": str(FORMAT_VERSION),
+    meta = {"format": "pt", "mobie_format": FORMAT_NAME,
+            "mobie_format_version": str(format_version(state_dict.values())),
             "mobie_tensors": json.dumps(described, sort_keys=True),
             "mobie_checksums": json.dumps(checksums(tensors), sort_keys=True),
             "mobie_aliases": json.dumps(aliases, sort_keys=True)}
@@ -150,11 +164,15 @@ _DTYPES = {"qdata": (torch.int32,), "row_scale": _SCALE, "col_scale": _SCALE,
 def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: str) -> MoBiETensor:
     """Validate the stored tensors of one packed parameter and rebuild it."""
     shape, side = tuple(desc["shape"]), desc["side"]
+    transposed = desc.get("transposed", False)
+    if not isinstance(transposed, bool) or len(shape) != 3:
+        raise MoBiECheckpointError(f"{filename}: {fqn} has an unreadable description {desc}")
+    canonical = (shape[0], shape[2], shape[1]) if transposed else shape  # the data's [E, out, in]
     missing = [stored_key(fqn, n) for n in desc["data"] if n not in data]
     if missing:
         raise MoBiECheckpointError(f"{filename}: tensor {missing[0]} of packed parameter {fqn} is missing "
                                    "(truncated or incomplete checkpoint)")
-    exp = _expected_shapes(shape, side, desc["data"], data)
+    exp = _expected_shapes(canonical, side, desc["data"], data)
     for n, t in data.items():
         if n not in _DTYPES:
             raise MoBiECheckpointError(f"{filename}: unknown data {stored_key(fqn, n)} for {fqn}")
@@ -163,7 +181,8 @@ def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: 
                                        f"{' or '.join(map(str, _DTYPES[n]))}")
         if n in exp and tuple(t.shape) != exp[n]:
             raise MoBiECheckpointError(f"{filename}: tensor {stored_key(fqn, n)} has shape {list(t.shape)}, "
-                                       f"expected {list(exp[n])} for {fqn} {list(shape)}")
+                                       f"expected {list(exp[n])} for {fqn} {list(shape)}"
+                                       + (" (transposed)" if transposed else ""))
     scale_names = ("row_scale", "col_scale", "col_scale2", "col_scale_x")
     coded = [n for n in scale_names if n in data and data[n].dtype == torch.uint8]
     if coded and "scale_grid" not in data:
@@ -175,7 +194,8 @@ def build_tensor(fqn: str, desc: dict, data: dict[str, torch.Tensor], filename: 
         raise MoBiECheckpointError(f"{filename}: {fqn} stores only one of qdata_x / col_scale_x (truncated or "
                                    "inconsistent checkpoint)")
     kw = {k: v for k, v in data.items() if k not in ("qdata", "row_scale", "col_scale")}
-    return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw)
+    return MoBiETensor(data["qdata"], data["row_scale"], data["col_scale"], side, _dtype(desc["dtype"]), **kw,
+                       transposed=transposed)
 
 
 CONVERTED_CHECKSUMS = "mobie_checksums_converted"
