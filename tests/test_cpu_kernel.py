@@ -29,6 +29,8 @@ def sign_path(request, monkeypatch):
         pytest.skip(f"C++ sign products not used here: {cpu_ext.ext_error()}")
     if request.param == "inductor":
         monkeypatch.setattr(cpu_ext, "ext_available", lambda: False)
+    else:  # at these small sizes too (inside a compile trace they would take the fused loop)
+        monkeypatch.setattr(cpu, "EXT_MIN_WORK", 0)
     torch.compiler.reset()
     yield request.param
     torch.compiler.reset()
@@ -214,6 +216,7 @@ def test_compiled_experts_match_reference(family, sign_path):
         got, code = run_and_get_code(torch.compile(block, dynamic=False), h)
     src = "\n".join(code)
     assert "binary_factor_mm" not in src and "cpp_fused" in src
+    assert ("mobie_cpu.sign_mm" in src) is (sign_path == "ext")
     ref, got = (t[0] if isinstance(t, tuple) else t for t in (ref, got))
     _close(got, ref, family)
 

@@ -40,7 +40,7 @@ from . import cpu_ext
 
 __all__ = ["cpu_available", "cpu_enabled", "use_cpu_path", "cpu_factor_mm", "cpu_backbone_input",
            "cpu_backbone_output", "factor_mm_flat", "BACKBONE_BMM_MIN_ROWS", "SORT_MIN_PAIRS",
-           "DENSE_MIN_PAIRS_PER_EXPERT", "DENSE_MAX_BYTES", "uses_dense_factors"]
+           "DENSE_MIN_PAIRS_PER_EXPERT", "DENSE_MAX_BYTES", "uses_dense_factors", "use_ext", "EXT_MIN_WORK"]
 
 _SIGN = -(2 ** 31)  # bit 31 of an int32 / the sign bit of a float32
 BACKBONE_BMM_MIN_ROWS = 16  # backbone rows from which the blocks are dequantized once and multiplied with bmm
@@ -50,6 +50,10 @@ SORT_MIN_PAIRS = 64  # pairs from which they are processed sorted by expert (cac
 # 1.7 vs 3.1 ms down); at 32-64 pairs per expert the per-pair kernels were as fast or faster.
 DENSE_MIN_PAIRS_PER_EXPERT = 128
 DENSE_MAX_BYTES = 64 << 20  # and only when the fp32 factors of all experts fit in this many bytes
+# weight-rows products (pairs x m x n) from which the C++ sign products replace inductor's fused loop inside a
+# compile trace: below, one fused loop beats the opaque calls between the pointwise kernels (zoo decode; see
+# benchmarks/results/cpu_decode.md); eager calls always take them when built (else they would compile)
+EXT_MIN_WORK = 1 << 21
 ENV_DISABLE = "MOBIE_CPU_KERNEL"  # "0": never use this path (the reference op runs instead)
 
 
@@ -138,16 +142,23 @@ def _salient_plane(words2: torch.Tensor, v: torch.Tensor, m: int) -> torch.Tenso
     return y.reshape(S, mw * 32)[:, :m]
 
 
-def _sign_products(words: torch.Tensor, xs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``Σ_j s[ids[i], r, j] xs[i, j]`` -> ``[S, m]``: the C++ masked adds when built, else the fused loop."""
-    if cpu_ext.ext_available():
+def use_ext(S: int, m: int, n: int) -> bool:
+    """Whether ``S`` rows times ``[m, n]`` factors take the C++ sign products (:data:`EXT_MIN_WORK`)."""
+    if not cpu_ext.ext_available():
+        return False
+    return not torch.compiler.is_compiling() or S * m * n >= EXT_MIN_WORK
+
+
+def _sign_products(words: torch.Tensor, xs: torch.Tensor, ids: torch.Tensor, ext: bool) -> torch.Tensor:
+    """``Σ_j s[ids[i], r, j] xs[i, j]`` -> ``[S, m]``: the C++ masked adds (``ext``), else the fused loop."""
+    if ext:
         return cpu_ext.sign_mm(xs, words, ids)
     return _plane(words[ids], _realized(xs))
 
 
-def _salient_products(words2: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, m: int) -> torch.Tensor:
+def _salient_products(words2: torch.Tensor, v: torch.Tensor, ids: torch.Tensor, m: int, ext: bool) -> torch.Tensor:
     """``Σ_t s2[ids[i], t, r] v[i, t]`` -> ``[S, m]`` (the salient plane, signs along the output dim)."""
-    if cpu_ext.ext_available():
+    if ext:
         return cpu_ext.sign_mm_t(v, words2, ids, m)
     return _salient_plane(words2[ids], _realized(v), m)
 
@@ -263,8 +274,9 @@ def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tenso
     if uses_dense_factors(S, E, m, n):
         return _factor_mm_dense(x, ids, qdata, row_scale, col_scale, scale_grid, qdata_x, col_scale_x, qdata2,
                                 col_scale2, salient, mean)
+    ext = use_ext(S, m, n)
     order = None
-    if S >= (2 if cpu_ext.ext_available() else SORT_MIN_PAIRS):  # consecutive pairs of one expert share its words
+    if S >= (2 if ext else SORT_MIN_PAIRS):  # consecutive pairs of one expert share its words
         ids, order = torch.sort(ids, stable=True)
         x = x[order]
     grid = None if scale_grid is None else scale_grid[ids]
@@ -276,16 +288,16 @@ def factor_mm_flat(x: torch.Tensor, expert_ids: torch.Tensor, qdata: torch.Tenso
     def pad(v):  # [S, n] -> [S, nw * 32], zeros past n
         return torch.nn.functional.pad(v, (0, nw * 32 - n)) if nw * 32 != n else v
 
-    y = _sign_products(qdata, pad(x * scale(col_scale, None if grid is None else grid[:, 1])), ids)
+    y = _sign_products(qdata, pad(x * scale(col_scale, None if grid is None else grid[:, 1])), ids, ext)
     if qdata_x is not None:
         for p in range(qdata_x.shape[1]):
             gp = None if grid is None else grid[:, 3 + p]
-            y = y + _sign_products(qdata_x[:, p], pad(x * scale(col_scale_x[:, p], gp)), ids)
+            y = y + _sign_products(qdata_x[:, p], pad(x * scale(col_scale_x[:, p], gp)), ids, ext)
     if qdata2 is not None:
         s = col_scale2.shape[1]
         slots = _salient_slots(salient[ids], n, s)  # x scattered to the slots (column order = slot order)
         xv = torch.zeros(S, s + 1, dtype=x.dtype, device=x.device).scatter(1, slots, x)[:, :s]
-        y = y + _salient_products(qdata2, xv * scale(col_scale2, None if grid is None else grid[:, 2]), ids, m)
+        y = y + _salient_products(qdata2, xv * scale(col_scale2, None if grid is None else grid[:, 2]), ids, m, ext)
     # decoded in a loop of its own: vectorized exp2, the same as the reference's (a scalar exp2 fused into the
     # reduction's epilogue can differ in the last bit, which the fp16 rounding of the scale may then amplify)
     y = y * _realized(scale(row_scale, None if grid is None else grid[:, 0]))
