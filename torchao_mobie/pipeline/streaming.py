@@ -197,11 +197,11 @@ def _materialize_outside(model: nn.Module, layout, ckpt: HubCheckpoint) -> None:
     for mname, mod in model.named_modules():
         if mname == layout.layers_fqn or mname.startswith(prefix):
             continue
-        for bname, b in list(mod.named_buffers(recurse=False)):
-            if b is not None and b.is_meta:  # non-persistent tables (rotary inv_freq): from_pretrained's init
-                mod.to_empty(device="cpu", recurse=False)
-                model._init_weights(mod)
-                break
+        meta = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if meta:  # non-persistent tables (rotary inv_freq): computed by from_pretrained's init, as here
+            for n in meta:
+                mod._buffers[n] = torch.empty_like(mod._buffers[n], device="cpu")
+            model._init_weights(mod)
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                if t.is_meta and not n.startswith(prefix)]
     if missing:

@@ -85,7 +85,14 @@ class HubCheckpoint:
         return f.get_tensor(key).to(dtype=dtype)
 
     def load(self, names) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` for the model's parameter/buffer ``names``, converted as on load."""
+        """``{name: tensor}`` for the model's parameter/buffer ``names``, converted as on load (the shards are
+        closed again afterwards: their mapped pages would otherwise stay resident as the run goes deeper)."""
+        try:
+            return self._load(names)
+        finally:
+            self._open.clear()
+
+    def _load(self, names) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             if name not in self.plan:
