@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunks import expert_chunks, factor_bytes_per_expert
 from .cejd_backbone import init_backbone, quantize_backbone, refit_backbone
 from .cejd_factor import (  # noqa: F401  (the factor problem's API, also reachable from here)
     FactorMetrics,
@@ -144,36 +145,18 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         bb = init_backbone(W, H, "input" if side == "input" else "output", blocks)
     fside = "input" if side == "none" else side
     history = []
-    B = a = b = B2 = b2 = sal = sal0 = None
-    # sign descent flips the first plane only: on further planes it over-fits the calibration tokens
-    # (heldout-mixtral-9m seed 2: gap 0.0178 refining every plane, 0.0106 the first only)
-    rcols = n if P else None
-    collapse = (lambda Q: Q) if P == 0 else (lambda Q: Q.view(E, m, P + 1, n).sum(2))  # noqa: E731
+    # the per-expert steps run on expert chunks (the memory rule: algorithms/chunks.py)
+    chunks = expert_chunks(E, factor_bytes_per_expert(m, n, P + 1, fside == "output" or G is not None))
+    kw = dict(P=P, percdamp=percdamp, salient_cols=salient_cols, scale_rounds=scale_rounds)
+    st = None  # (B, a, b, B2, b2, sal0, sal), per expert
     for r in range(rounds):
         full = _blockdiag(bb)
-        fm0 = factor_metrics(W, H, full, fside, G)
-        fm = _stacked(fm0, P)
-        prev = None if B is None else (B, a, b, B2, b2)
-        if B is None:
-            a, b = _init_scales(fm0.A)
-            sal0 = select_salient(fm0, salient_cols)
-            sal = _pad_cols(sal0, P)
-        B, b, B2, b2, X, xb = _gptq(fm0.A, fm0.Hf, a, None if fm0.Gf is None else fm0.Gf.diagonal(dim1=-2, dim2=-1),
-                                    percdamp, sal0, extra=P)
-        if P:
-            B, b = torch.cat([B, *X.unbind(1)], -1), torch.cat([b, *xb.unbind(1)], -1)
-            B2, b2 = _pad_cols(B2, P), _pad_cols(b2, P)
-        # every closed-form step is kept per expert only if it helps: on a nearly singular Hessian (few
-        # tokens) two planes on one column can cancel with scales beyond fp16
-        better = lambda Q: _obj(W, collapse(Q), full, fside, H, G, True)  # noqa: E731
-        f = (B, a, b, B2, b2)
-        f = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
-        if r == rounds - 1:  # refined signs in an earlier round anchor the backbone refit in a worse optimum
-            f = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds, rcols), sal, better)
-        B, a, b, B2, b2 = f
-        if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
-            B, a, b, B2, b2 = _keep_better(prev, (B, a, b, B2, b2), sal, better)
-        Q = collapse(_factor(a, B, b, B2 if sal is not None else None, b2))
+        # refined signs in an earlier round anchor the backbone refit in a worse optimum: last round only
+        parts = [_fit_round(W[c], H[c], full, fside, G, _take(st, c), refine=refine if r == rounds - 1 else 0,
+                            **kw) for c in chunks]
+        st = _join([p[0] for p in parts])
+        Q = _cat_like([p[1] for p in parts])
+        del parts
         history.append(("binarize", float(_obj(W, Q, full, fside, H, G))))
         if side == "none":
             break
@@ -183,13 +166,10 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     if side != "none":
         # store the backbone at its dtype, then refit the scales against the stored backbone
         stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
-        fm = _stacked(factor_metrics(W, H, _blockdiag(deq), side, G), P)
-        prev = (B, a, b, B2, b2)
-        new = refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
-        new = _refine(*new, sal, fm, polish, scale_rounds, rcols)
-        B, a, b, B2, b2 = _keep_better(prev, new, sal,
-                                       lambda Q: _obj(W, collapse(Q), _blockdiag(deq), side, H, G, True))
+        full = _blockdiag(deq)
+        st = _join([_polish_chunk(W[c], H[c], full, side, G, _take(st, c), polish=polish, **kw) for c in chunks])
         backbone = Backbone(stored, bscale)
+    B, a, b, B2, b2, sal0, sal = st
     two = sal is not None
     X = xb = None
     if P:  # back from the stacked column blocks to plane-wise tensors
@@ -215,6 +195,87 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     What = factors.reconstruct()
     history.append(("stored", float(layer_objective(W, What, H, G))))
     return CEJDResult(What, factors.bit_budget(), factors, history[-1][1], history)
+
+
+
+def _collapse(Q, P: int):
+    """``[E, m, (1+P)·n]`` stacked planes -> their sum ``[E, m, n]``."""
+    if P == 0:
+        return Q
+    E, m, cols = Q.shape
+    return Q.view(E, m, P + 1, cols // (P + 1)).sum(2)
+
+
+def _fit_round(W, H, full, fside, G, st, *, P, percdamp, salient_cols, scale_rounds, refine):
+    """One alternation's factor fit for fixed backbone ``full`` on a chunk of experts: GPTQ signs, scale
+    refit, ``refine`` rounds of sign descent, each step kept per expert only if it helps (also against the
+    previous round's factor ``st``). Returns the new state and the collapsed factor ``Q [e, m, n]``."""
+    n = W.shape[-1]
+    fm0 = factor_metrics(W, H, full, fside, G)
+    fm = _stacked(fm0, P)
+    if st is None:
+        prev = None
+        a, b = _init_scales(fm0.A)
+        sal0 = select_salient(fm0, salient_cols)
+        sal = _pad_cols(sal0, P)
+    else:
+        prev, (a, sal0, sal) = st[:5], (st[1], st[5], st[6])
+    B, b, B2, b2, X, xb = _gptq(fm0.A, fm0.Hf, a, None if fm0.Gf is None else fm0.Gf.diagonal(dim1=-2, dim2=-1),
+                                percdamp, sal0, extra=P)
+    del fm0
+    if P:
+        B, b = torch.cat([B, *X.unbind(1)], -1), torch.cat([b, *xb.unbind(1)], -1)
+        B2, b2 = _pad_cols(B2, P), _pad_cols(b2, P)
+    # every closed-form step is kept per expert only if it helps: on a nearly singular Hessian (few
+    # tokens) two planes on one column can cancel with scales beyond fp16
+    better = lambda Q: _obj(W, _collapse(Q, P), full, fside, H, G, True)  # noqa: E731
+    f = (B, a, b, B2, b2)
+    f = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
+    # sign descent flips the first plane only: on further planes it over-fits the calibration tokens
+    # (heldout-mixtral-9m seed 2: gap 0.0178 refining every plane, 0.0106 the first only)
+    rcols = n if P else None
+    if refine:
+        f = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds, rcols), sal, better)
+    if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
+        f = _keep_better(prev, f, sal, better)
+    B, a, b, B2, b2 = f
+    Q = _collapse(_factor(a, B, b, B2 if sal is not None else None, b2), P)
+    return (B, a, b, B2, b2, sal0, sal), Q
+
+
+def _polish_chunk(W, H, full, side, G, st, *, P, polish, scale_rounds, **_):
+    """The factor of a chunk of experts refit (scales, then ``polish`` refinement rounds) against the stored
+    backbone ``full``, kept per expert only if it helps."""
+    B, a, b, B2, b2, sal0, sal = st
+    fm = _stacked(factor_metrics(W, H, full, side, G), P)
+    new = refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
+    new = _refine(*new, sal, fm, polish, scale_rounds, W.shape[-1] if P else None)
+    f = _keep_better((B, a, b, B2, b2), new, sal, lambda Q: _obj(W, _collapse(Q, P), full, side, H, G, True))
+    return (*f, sal0, sal)
+
+
+def _take(st, c: slice):
+    return None if st is None else tuple(None if t is None else t[c] for t in st)
+
+
+def _join(states):
+    if len(states) == 1:
+        return states[0]
+    return tuple(None if ts[0] is None else _cat_like(ts) for ts in zip(*states))
+
+
+def _cat_like(ts):
+    """``torch.cat(ts)`` along the expert dim keeping the parts' memory layout (factors derived from a
+    solve are column-major per expert): the kernels that read them take layout-dependent paths, so a
+    joined state must be laid out as the unchunked one for chunking not to change a bit."""
+    t0 = ts[0]
+    if len(ts) == 1:
+        return t0
+    if t0.dim() < 3 or t0.is_contiguous():
+        return torch.cat(ts)
+    perm = [0] + sorted(range(1, t0.dim()), key=lambda d: -t0.stride(d))
+    inv = [perm.index(i) for i in range(t0.dim())]
+    return torch.cat([t.permute(perm) for t in ts]).permute(inv)
 
 
 def _stacked(fm: FactorMetrics, P: int) -> FactorMetrics:

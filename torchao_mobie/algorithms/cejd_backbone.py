@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .backbone_chunked import InputSideSystem, output_side_sums
 from .cejd_factor import _solve
+from .chunks import chunk_budget
 
 __all__ = ["init_backbone", "refit_backbone", "quantize_backbone"]
 
@@ -44,17 +46,25 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
     with the nearest Kronecker product of the operator (:func:`_kronecker_preconditioner`) and stopped
     when a step gains less than ``tol`` of the decrease so far.
     """
-    W64, H64, Q64 = W.double(), H.double(), Q.double()
+    E, m, n = W.shape
     if side == "output":
+        big = E * 8 * (n * n + 3 * m * n + 2 * m * m) > chunk_budget()  # the batched [E, m, m] terms
+        W64, H64, Q64 = (None,) * 3 if big else (W.double(), H.double(), Q.double())
         out = []
         for blk, (s0, s1) in zip(backbone_blocks, _split(backbone_blocks.shape[0], W.shape[1])):
-            Qb, Wb = Q64[:, s0:s1], W64[:, s0:s1]
-            num = (Wb @ H64 @ Qb.transpose(-1, -2)).sum(0)
-            den = (Qb @ H64 @ Qb.transpose(-1, -2)).sum(0)
+            if big:
+                num, den = output_side_sums(W, H, Q, s0, s1)
+            else:
+                Qb, Wb = Q64[:, s0:s1], W64[:, s0:s1]
+                num = (Wb @ H64 @ Qb.transpose(-1, -2)).sum(0)
+                den = (Qb @ H64 @ Qb.transpose(-1, -2)).sum(0)
             den = den + ridge * den.diagonal().mean() * torch.eye(den.shape[0], dtype=den.dtype)
             out.append(_solve(den, num.t()).t())
         return torch.stack(out).to(W.dtype)
     # input side (single block)
+    if E * 8 * (4 * n * n + 3 * m * n) > chunk_budget():  # the batched [E, n, n] Grams and products
+        return _refit_input_chunked(W, H, Q, backbone_blocks, G, cg_iters, ridge, tol)
+    W64, H64, Q64 = W.double(), H.double(), Q.double()
     S = backbone_blocks[0].double()
     GQ = Q64 if G is None else G.double() @ Q64
     K = Q64.transpose(-1, -2) @ GQ  # [E, n, n]
@@ -69,6 +79,21 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
         return (K32 @ X.float() @ H32).sum(0).double() + lam * X
 
     precond = _kronecker_preconditioner(K, H64, lam)
+    return _pcg(op, precond, rhs, S, cg_iters, tol).unsqueeze(0).to(W.dtype)
+
+
+def _refit_input_chunked(W, H, Q, backbone_blocks, G, cg_iters: int, ridge: float, tol: float):
+    """The input-side refit with the sums over experts taken by chunks (:mod:`.backbone_chunked`)."""
+    S = backbone_blocks[0].double()
+    sys_ = InputSideSystem(W, H, Q, G)
+    lam = ridge * float((sys_.trK * sys_.trH).sum()) / S.numel()
+    precond = _kronecker_inverse(*sys_.kronecker_factors(), lam)
+    return _pcg(lambda X: sys_.apply(X) + lam * X, precond, sys_.rhs, S, cg_iters, tol).unsqueeze(0).to(W.dtype)
+
+
+def _pcg(op, precond, rhs, S, cg_iters: int, tol: float):
+    """Preconditioned conjugate gradient for ``op(X) = rhs`` from ``S``, stopped when a step gains less than
+    ``tol`` of the decrease so far."""
     X = S.clone()
     R = rhs - op(X)
     Z = precond(R)
@@ -91,7 +116,7 @@ def refit_backbone(W, H, Q, backbone_blocks, side: str, G=None, cg_iters: int = 
         rz_new = (R * Z).sum()
         P = Z + (rz_new / rz) * P
         rz = rz_new
-    return X.unsqueeze(0).to(W.dtype)
+    return X
 
 
 def _kronecker_preconditioner(K, H, lam):
@@ -105,6 +130,11 @@ def _kronecker_preconditioner(K, H, lam):
         Kb = (w[:, None, None] * K).sum(0)
         v = (K * Kb).sum((-2, -1)) / (Kb * Kb).sum().clamp_min(1e-300)
         Hb = (v[:, None, None] * H).sum(0)
+    return _kronecker_inverse(Kb, Hb, lam)
+
+
+def _kronecker_inverse(Kb, Hb, lam):
+    """``R ↦ K̄⁻¹ R H̄⁻¹`` with the damping of :func:`_kronecker_preconditioner`."""
     eye = torch.eye(Kb.shape[0], dtype=Kb.dtype)
     hd = float(Hb.diagonal().mean().clamp_min(1e-300))
     kd = float(Kb.diagonal().mean().clamp_min(1e-300))

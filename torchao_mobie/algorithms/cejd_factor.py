@@ -96,17 +96,31 @@ def factor_metrics(W, H, backbone, side: str, G=None, ridge: float = 1e-6) -> Fa
 
 
 def _upper_inv_chol(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Batched upper Cholesky factor of (H + damp I)⁻¹ (GPTQ), damping escalated on failure."""
+    """Batched upper Cholesky factor of (H + damp I)⁻¹ (GPTQ), damping escalated on failure, per expert
+    (so an expert's factor does not depend on which other experts share its batch or chunk)."""
     n = H.shape[-1]
     eye = torch.eye(n, dtype=H.dtype)
     md = H.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
+    out = None
+    todo = torch.arange(H.shape[0])
     for k in range(6):
-        damp = (percdamp if k == 0 else max(percdamp, 1e-3) * 10 ** k) * md
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
-        if int(info.abs().sum()) == 0:
+        damp = (percdamp if k == 0 else max(percdamp, 1e-3) * 10 ** k) * md[todo]
+        L, info = torch.linalg.cholesky_ex((H if k == 0 else H[todo]) + damp * eye)
+        ok = info == 0
+        if bool(ok.all()):
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info.abs().sum()) == 0 and torch.isfinite(U).all():
-                return U
+        else:
+            U = torch.full_like(L, float("nan"))
+            if bool(ok.any()):
+                U[ok], info[ok] = torch.linalg.cholesky_ex(torch.cholesky_inverse(L[ok]), upper=True)
+        ok = ok & (info == 0) & torch.isfinite(U).flatten(1).all(-1)
+        if k == 0 and bool(ok.all()):
+            return U
+        out = torch.empty_like(H) if out is None else out
+        out[todo[ok]] = U[ok]
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return out
     raise ValueError("factor Hessian is not positive definite even with damping")
 
 

@@ -14,6 +14,10 @@ with one output-channel group), so memory is ``N·k`` scalars per projection per
 gradient vectors for all layers). In the sequential pass :class:`GLASCollector` turns them into
 ``H_w = Σ w·x xᵀ`` next to the ordinary Hessian; a pair whose expert the partly quantized model routes
 differently from the full-precision one gets the mean weight of its token.
+
+:func:`compute_glas_weights` is the whole-model form (one graph through every layer per batch), kept as the
+reference; the pipelines use the layer-wise form with bounded memory,
+:func:`~.glas_layerwise.layerwise_glas_weights`, which gives the same weights (bit for bit on the zoo).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..methods.registry import QUANT_METHODS
+from ..pipeline.stream_state import MANIFEST as STREAM_MANIFEST
 from .common import (
     DATA_HELP,
     DTYPE_HELP,
@@ -76,6 +77,11 @@ def add_parser(sub, common) -> None:
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--no-pack", action="store_true", help="MoBiE: save fake-quant weights instead of packed 1-bit")
     q.add_argument("--data-dir", default=None, help=DATA_HELP)
+    q.add_argument("--stream", action="store_true",
+                   help="streaming: read --model (safetensors, one file or hub shards) one decoder layer at a time and "
+                        "write each finished layer to --out at once (memory: about one layer plus the calibration "
+                        "activations). Rerunning the same command after a crash resumes after the last finished "
+                        "layer; other settings refuse to resume into that --out. CPU only")
     q.set_defaults(fn=cmd_quantize)
 
 
@@ -94,7 +100,7 @@ def cmd_quantize(args):
     t_start = time.perf_counter()
     cfg = make_config(args.method)
     model_path = checkpoint_dir(args.model, "--model")
-    out = _check_out_dir(Path(args.out), model_path, args.force)
+    out = _check_out_dir(Path(args.out), model_path, args.force, stream=args.stream)
     # a mix "wikitext2+ptb" (or of files) shares the windows out evenly; an existing file is never split
     calib_parts = [args.calib] if Path(args.calib).expanduser().exists() else args.calib.split("+")
     if any(p in CORPORA for p in calib_parts):
@@ -140,6 +146,9 @@ def cmd_quantize(args):
     texts = [read_text(p, "train", args.data_dir, "--calib") for p in calib_parts]  # fails before the load
     source = " + ".join(src for _, src in texts)
     timing = {"calibration_data_s": time.perf_counter() - t}
+
+    if args.stream:
+        return _cmd_stream(args, cfg, model_path, out, hf_cfg, texts, source, timing, t_start, packed)
 
     t = time.perf_counter()
     print(f"loading {args.model} ...", flush=True)
@@ -249,7 +258,7 @@ def _cast_unquantized(model, dtype) -> None:
     model.config.dtype = dtype
 
 
-def _check_out_dir(out: Path, model_path: Path, force: bool) -> Path:
+def _check_out_dir(out: Path, model_path: Path, force: bool, stream: bool = False) -> Path:
     out = out.expanduser().resolve()
     if out == model_path or model_path in out.parents:
         raise CLIError(f"--out {out}: is the input model directory or inside it; write the quantized model elsewhere "
@@ -260,6 +269,8 @@ def _check_out_dir(out: Path, model_path: Path, force: bool) -> Path:
     if out.exists():
         if not out.is_dir():
             raise CLIError(f"--out {out}: exists and is not a directory")
+        if stream and (out / STREAM_MANIFEST).is_file() and not force:
+            return out  # a streaming run to resume (quantize_streaming checks its settings)
         if any(out.iterdir()) and not force:
             raise CLIError(f"--out {out}: directory exists and is not empty; pass --force to replace it (the new model "
                            "is written beside it and swapped in only once complete)")
@@ -280,3 +291,57 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _cmd_stream(args, cfg, model_path: Path, out: Path, hf_cfg, texts, source, timing, t_start, packed):
+    """``--stream``: :func:`~torchao_mobie.pipeline.streaming.quantize_streaming` straight into ``--out``."""
+    import torch
+    from torchao.core.config import config_to_dict
+    from transformers import AutoTokenizer
+
+    from ..data import calibration_samples, tokenize_corpus
+    from ..pipeline.stream_state import StreamResumeError
+    from ..pipeline.streaming import quantize_streaming
+    from .common import parse_dtype
+
+    if device_of(args.device).type != "cpu":
+        raise CLIError(f"--device {args.device}: --stream runs on CPU (the layer-by-layer loader materializes on CPU)")
+    dtype = parse_dtype(args.dtype)
+    if dtype == "auto":
+        dtype = _save_dtype("auto", hf_cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:
+        raise CLIError(f"--model {args.model}: no usable tokenizer in the checkpoint ({type(e).__name__}: {e})") from e
+    t = time.perf_counter()
+    streams = [tokenize_corpus(text, tok) for text, _ in texts]
+    try:
+        calib = calibration_samples(streams, args.nsamples, args.seqlen, args.seed)
+    except ValueError as e:
+        raise CLIError(f"--calib {args.calib}: {e}; use a longer text or a smaller --seqlen") from e
+    timing["calibration_data_s"] += time.perf_counter() - t
+    if args.force and out.exists():
+        shutil.rmtree(out)
+    t = time.perf_counter()
+    torch.manual_seed(args.seed)
+    try:
+        report = quantize_streaming(model_path, out, cfg, calib, batch_size=args.batch_size, dtype=dtype,
+                                    experts_implementation="grouped_mm", save_dtype=_save_dtype(args.save_dtype, hf_cfg),
+                                    progress=True)
+    except StreamResumeError as e:
+        raise CLIError(f"--out {out}: {e}") from e
+    timing["quantize_s"] = time.perf_counter() - t
+    tok.save_pretrained(out)
+    timing["total_s"] = time.perf_counter() - t_start
+    bits = report.bits
+    write_json(out / REPORT_NAME, {
+        "command": ["torchao-mobie", *sys.argv[1:]] if args.argv is None else ["torchao-mobie", *args.argv],
+        "model": args.model, "model_path": str(model_path), "method": args.method, "config": config_to_dict(cfg),
+        "storage": "packed" if packed else "fake-quant", "streaming": True,
+        "calibration": {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
+                        "tokens": report.calibration_tokens},
+        "bits": {"paper_bits": bits.paper_bits, "all_inclusive_bits": bits.all_inclusive_bits, "budget": bits.as_dict()},
+        "timing": {k: round(v, 3) for k, v in timing.items()}, "versions": _versions()})
+    print(report.summary(), flush=True)
+    print(f"saved {'packed 1-bit' if packed else 'fake-quant'} checkpoint to {out} (streaming, layer by layer)")
+    print(f"reload: import torchao_mobie; AutoModelForCausalLM.from_pretrained({str(out)!r})")

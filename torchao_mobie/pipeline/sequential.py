@@ -1,7 +1,8 @@
 """The sequential pipeline, :func:`quantize_model` (GPTQ order).
 
 1. one forward of the full-precision model captures the input of decoder layer 0 and the keyword
-   arguments (masks, rotary embeddings, ...) the model passes every layer;
+   arguments (masks, rotary embeddings, ...) the model passes every layer; GLAS (when the config asks for
+   it) then runs layer by layer on the full-precision model (:mod:`~torchao_mobie.calibration.glas_layerwise`);
 2. for each decoder layer, stage by stage (true-sequential: attention inputs, attention output, MLP
    inputs = experts ``gate_up_proj`` + shared/dense gate/up, MLP outputs = experts ``down_proj`` +
    shared/dense down): hooks collect the stage's statistics while the layer runs on its calibration
@@ -21,7 +22,9 @@ import torch
 from torch import nn
 
 from ..calibration import ExpertStatsCollector, FallbackEvent, LinearStatsCollector, log_fallback_summary
-from ..calibration.gradients import GLASCollector, compute_glas_weights
+from ..calibration.activations import ActivationStore
+from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
+from ..calibration.gradients import GLASCollector
 from ..calibration.heldback import HeldbackLoss, hold_back
 from ..integrations.transformers import PROJECTIONS, DecoderLayerInfo, LinearInfo, MoEModelLayout, discover_moe_layout
 from ..marker import mark_quantized
@@ -47,11 +50,9 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[CalibrationBatch], forward=None):
-    """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it.
-
-    ``forward()`` runs the model over ``batches`` (default: the base model, no LM head); GLAS passes its
-    gradient pass here so that one forward serves both."""
+def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[CalibrationBatch]):
+    """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it (one
+    forward of the base model, no LM head)."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
 
@@ -83,10 +84,7 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
                for i, layer in enumerate(layout.layers)]
     handles.append(layout.layers[-1].module.register_forward_hook(last_hook))
     try:
-        if forward is None:
-            _forward_batches(model, batches)
-        else:
-            forward()
+        _forward_batches(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -113,6 +111,31 @@ def _glas_batches(config, batches: list[CalibrationBatch]) -> int:
         if rows >= want:
             return i + 1
     return len(batches)
+
+
+def lm_head_of(model: nn.Module):
+    """``hidden -> logits`` (final norm, then the LM head) of a causal LM, or None without one."""
+    norm = getattr(_base_model(model), "norm", None)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if norm is None or lm_head is None:
+        return None
+    return lambda h: lm_head(norm(h))
+
+
+def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls):
+    """GLAS pair weights of the leading ``glas_samples`` batches, layer by layer
+    (:mod:`~torchao_mobie.calibration.glas_layerwise`: equal to the whole-model backward pass)."""
+    head = lm_head_of(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}: GLAS needs the LM loss, so the model with its LM head "
+                         "(*ForCausalLM); pass that, or a config with glas=False")
+    n = _glas_batches(config, batches)
+    calls_n = [c[:n] for c in calls]
+    layers = ModelLayers(layout)
+    with ActivationStore() as store:
+        forward_boundaries(layers, hidden[:n], calls_n, store)
+        return layerwise_glas_weights(layers, batches[:n], calls_n, store, lambda h, b: lm_loss_sum(head(h), b),
+                                      power=config.glas_power)
 
 
 def _layer_output(out):
@@ -160,12 +183,10 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
 
 def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: list[CalibrationBatch]) -> HeldbackLoss | None:
     """The held-back loss judge, when there are held-back batches and the model has its LM head."""
-    norm = getattr(_base_model(model), "norm", None)
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not any(b.heldback for b in batches) or norm is None or lm_head is None:
+    head = lm_head_of(model)
+    if not any(b.heldback for b in batches) or head is None:
         return None
-    return HeldbackLoss([layer.module for layer in layout.layers], calls, batches,
-                        lambda h: lm_head(norm(h)), _layer_output)
+    return HeldbackLoss([layer.module for layer in layout.layers], calls, batches, head, _layer_output)
 
 
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
@@ -280,14 +301,10 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     try:
         # first: the full-precision forward also checks every layer's activations are finite, so bad
         # calibration data or weights fail here, before any weight is changed
-        glas, forward = None, None
+        hidden, calls = capture_layer_inputs(model, layout, batches)
+        glas = None
         if getattr(config, "needs_gradients", False) and experts:
-            def forward():  # the GLAS pass is the capture forward of its batches
-                nonlocal glas
-                n = _glas_batches(config, batches)
-                glas = compute_glas_weights(model, experts, batches[:n], power=config.glas_power)
-                _forward_batches(model, batches[n:])
-        hidden, calls = capture_layer_inputs(model, layout, batches, forward)
+            glas = _layerwise_glas(model, layout, config, batches, hidden, calls)
         heldloss = _heldback_loss(model, layout, calls, batches)
         plan_memory: dict = {}
         from tqdm.auto import tqdm

@@ -1,0 +1,147 @@
+"""Layer-wise GLAS: the loss gradients at every expert output with one decoder layer's graph alive at a time.
+
+The whole-model form (:func:`~.gradients.compute_glas_weights`) backpropagates the LM loss through the
+model in one graph per calibration batch: every layer's activations are kept until the backward pass
+reaches them, and every layer's weights must be in memory. Here (issue 18, checkpointing at layer
+boundaries):
+
+1. forward: the decoder-layer boundary activations ``h_0 … h_L`` of every batch are stored (no graph),
+   in an :class:`~.activations.ActivationStore` (CPU memory, or disk past its size rule);
+2. top: ``∂ℓ/∂h_L`` through the final norm, the LM head and the summed next-token cross entropy;
+3. from layer ``L-1`` down to 0: the layer is recomputed from its stored input with autograd on, the
+   incoming gradient is backpropagated through it, the layer's GLAS pair weights are taken from the
+   gradient at its experts output (:func:`~.gradients.pair_gradient_weights`, the same statistics), and
+   ``∂ℓ/∂h_i`` is passed to the layer below.
+
+Cost: one more forward per layer (the recomputation) than the whole-model pass, and in memory the
+``L + 1`` boundary activations plus one layer's graph for one batch instead of the whole model's graph.
+The gradients are the whole-model ones: the same operations on the same values, so on the zoo they agree
+bit for bit (the test allows float summation order: ``rtol=1e-5``). ``layers`` is anything with
+``open(i)`` (a context manager yielding layer ``i``'s module and its experts, or None): the in-memory
+model, or the streaming loader that reads one layer from its shards.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from ..integrations.transformers import experts_call_args
+from .gradients import GLASWeights, pair_gradient_weights
+
+__all__ = ["ModelLayers", "forward_boundaries", "layerwise_glas_weights", "lm_loss_sum"]
+
+
+def lm_loss_sum(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Summed next-token cross entropy over non-padding tokens (GLAS's loss; see ``compute_glas_weights``)."""
+    lp = logits[:, :-1].float()
+    tgt = batch.input_ids[:, 1:]
+    if batch.attention_mask is not None:
+        tgt = tgt.masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+class ModelLayers:
+    """The decoder layers of an in-memory model (a :class:`~..integrations.transformers.MoEModelLayout`)."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def __len__(self):
+        return len(self.layout.layers)
+
+    @contextmanager
+    def open(self, i: int):
+        layer = self.layout.layers[i]
+        yield layer.module, (layer.moe.experts if layer.moe is not None else None)
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+@torch.no_grad()
+def forward_boundaries(layers, hidden: list, calls, store) -> None:
+    """``store[i] = [h_i per batch]`` for ``i = 0 … L`` (``hidden``: the layer-0 inputs; ``calls[i][b]`` the
+    ``(args, kwargs)`` layer ``i`` gets for batch ``b``)."""
+    h = list(hidden)
+    store.put(0, h)
+    for i in range(len(layers)):
+        with layers.open(i) as (module, _):
+            h = [_out(module(x, *args, **kwargs)) for x, (args, kwargs) in zip(h, calls[i])]
+        store.put(i + 1, h)
+
+
+def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: float = 1.0) -> GLASWeights:
+    """GLAS pair weights of every MoE layer from stored boundaries ``store[0 … L]`` (:func:`forward_boundaries`).
+
+    ``head_loss(h_L, batch)``: the scalar loss from the last layer's output (final norm, LM head,
+    :func:`lm_loss_sum`). Returns :class:`~.gradients.GLASWeights` keyed by experts fqn, one entry per batch.
+    """
+    n_layers = len(layers)
+    index, wgu, wdn = {}, {}, {}
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    on_cpu = store.get(0)[0].device.type == "cpu"
+    if on_cpu:  # as compute_glas_weights: the MoE backward's index accumulation in a fixed order
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        grads = []
+        with torch.enable_grad():
+            for h, b in zip(store.get(n_layers), batches):
+                h = h.detach().requires_grad_(True)
+                head_loss(h, b).backward()
+                grads.append(h.grad)
+        for i in reversed(range(n_layers)):
+            with layers.open(i) as (module, info):
+                grads = _layer_backward(module, info, store.get(i), calls[i], grads, power, index, wgu, wdn)
+            store.drop(i + 1)
+    finally:
+        if on_cpu:
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+    order = list(index)[::-1]  # bottom-up, as the whole-model pass
+    return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})
+
+
+def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn):
+    """Recompute one layer per batch from its stored input, backpropagate ``grads``, collect its pair
+    weights; returns the gradients at its inputs."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    saved = {}
+
+    def hook(mod, args, kwargs, output):
+        hs, ti, tw = experts_call_args(args, kwargs)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if out.requires_grad:
+            out.retain_grad()
+        saved["call"] = (hs.detach(), ti.detach(), tw.detach(), out)
+
+    handle = info.module.register_forward_hook(hook, with_kwargs=True) if info is not None else None
+    out_grads = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for x, (args, kwargs), g in zip(inputs, calls, grads):
+            saved.clear()
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                y = _out(module(x, *args, **kwargs))
+                y.backward(g)
+            out_grads.append(x.grad)
+            if info is not None:
+                hs, ti, tw, out = saved["call"]
+                H = info.hidden_dim
+                gy = out.grad if out.grad is not None else torch.zeros_like(out)
+                gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
+                                               tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
+                index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
+                wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
+                wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
+            saved.clear()
+    finally:
+        if handle is not None:
+            handle.remove()
+        for p, f in flags:
+            p.requires_grad_(f)
+    return out_grads
