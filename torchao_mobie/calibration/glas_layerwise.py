@@ -28,7 +28,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..integrations.transformers import experts_call_args
 from .gradients import GLASWeights, pair_gradient_weights
 
 __all__ = ["ModelLayers", "forward_boundaries", "layerwise_glas_weights", "lm_loss_sum"]
@@ -111,7 +110,8 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn):
     saved = {}
 
     def hook(mod, args, kwargs, output):
-        hs, ti, tw = experts_call_args(args, kwargs)
+        call = info.call(args, kwargs)  # rows: tokens (llama4: score-scaled pair rows, output weight 1)
+        hs, ti, tw = call.hidden, call.top_k_index, call.top_k_weights
         out = output[0] if isinstance(output, (tuple, list)) else output
         if out.requires_grad:
             out.retain_grad()

@@ -46,6 +46,8 @@ logger = logging.getLogger("torchao_mobie")
 def _base_model(model: nn.Module) -> nn.Module:
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
+    if not isinstance(base, nn.Module):  # e.g. Llama4ForCausalLM: prefix "language_model", the decoder at .model
+        base = getattr(model, "model", None)
     return base if isinstance(base, nn.Module) else model
 
 
