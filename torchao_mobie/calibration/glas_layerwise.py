@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from .gradients import GLASWeights, pair_gradient_weights
+from .gradients import GLASWeights, pair_gradient_weights, saved_call
 
 __all__ = ["ModelLayers", "forward_boundaries", "layerwise_glas_weights", "lm_loss_sum"]
 
@@ -110,12 +110,7 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn):
     saved = {}
 
     def hook(mod, args, kwargs, output):
-        call = info.call(args, kwargs)  # rows: tokens (llama4: score-scaled pair rows, output weight 1)
-        hs, ti, tw = call.hidden, call.top_k_index, call.top_k_weights
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        if out.requires_grad:
-            out.retain_grad()
-        saved["call"] = (hs.detach(), ti.detach(), tw.detach(), out)
+        saved["call"] = saved_call(info, args, kwargs, output)
 
     handle = info.module.register_forward_hook(hook, with_kwargs=True) if info is not None else None
     out_grads = []

@@ -30,7 +30,8 @@ from torch import nn
 from ..integrations.transformers import ExpertsInfo
 from .experts import ExpertStatsCollector
 
-__all__ = ["GLASWeights", "compute_glas_weights", "pair_gradient_weights", "GLASCollector", "match_pair_weights"]
+__all__ = ["GLASWeights", "compute_glas_weights", "saved_call", "pair_gradient_weights", "GLASCollector",
+           "match_pair_weights"]
 
 
 @dataclass
@@ -96,6 +97,16 @@ def pair_gradient_weights(info: ExpertsInfo, x: torch.Tensor, top_k_index: torch
     return w_gu, w_dn
 
 
+def saved_call(info: ExpertsInfo, args: tuple, kwargs: dict, output) -> tuple:
+    """``(hidden, top_k_index, top_k_weights, output)`` of one experts call in a GLAS pass, the output
+    keeping its gradient (rows: tokens; llama4: score-scaled pair rows with output weight 1)."""
+    call = info.call(args, kwargs)
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if out.requires_grad:
+        out.retain_grad()
+    return call.hidden.detach(), call.top_k_index.detach(), call.top_k_weights.detach(), out
+
+
 def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, power: float = 1.0) -> GLASWeights:
     """One forward+backward of the full-precision LM loss per calibration batch (parameters frozen).
 
@@ -114,12 +125,7 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
 
     def make_hook(info):
         def hook(module, args, kwargs, output):
-            call = info.call(args, kwargs)  # rows: tokens (llama4: score-scaled pair rows, output weight 1)
-            hs, ti, tw = call.hidden, call.top_k_index, call.top_k_weights
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if out.requires_grad:
-                out.retain_grad()
-            saved[info.fqn] = (hs.detach(), ti.detach(), tw.detach(), out)
+            saved[info.fqn] = saved_call(info, args, kwargs, output)
         return hook
 
     emb = model.get_input_embeddings()

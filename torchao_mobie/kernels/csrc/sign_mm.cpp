@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -144,6 +145,22 @@ void sign_rows_b(const int32_t* words, int64_t s, int64_t mw, const float* v, in
 }
 #endif
 
+// Runs the items over torch's threads; run(item, P) with the item's row count as a compile-time constant.
+template <typename F>
+void for_items(const std::vector<Item>& items, F&& run) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const Item& it = items[k];
+      switch (it.rows) {
+        case 1: run(it, std::integral_constant<int, 1>()); break;
+        case 2: run(it, std::integral_constant<int, 2>()); break;
+        case 3: run(it, std::integral_constant<int, 3>()); break;
+        default: run(it, std::integral_constant<int, 4>()); break;
+      }
+    }
+  });
+}
+
 void check(const at::Tensor& x, const at::Tensor& words, const at::Tensor& ids, const char* op) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), op,
               ": x must be a contiguous 2-D float32 tensor");
@@ -166,21 +183,9 @@ at::Tensor sign_mm(const at::Tensor& x, const at::Tensor& words, const at::Tenso
   const float* xs = xsum.data_ptr<float>();
   const int32_t* wp = words.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const Item& it = items[k];
-      const int32_t* w = wp + it.expert * m * nw;
-      const float* xr = xp + it.row0 * K;
-      float* o = op + it.row0 * m;
-      const float* su = xs + it.row0;
-      const int64_t r0 = it.out0, r1 = it.out0 + it.outs;
-      switch (it.rows) {
-        case 1: sign_rows_a<1>(w, nw, xr, K, su, r0, r1, o, m); break;
-        case 2: sign_rows_a<2>(w, nw, xr, K, su, r0, r1, o, m); break;
-        case 3: sign_rows_a<3>(w, nw, xr, K, su, r0, r1, o, m); break;
-        default: sign_rows_a<4>(w, nw, xr, K, su, r0, r1, o, m); break;
-      }
-    }
+  for_items(items, [&](const Item& it, auto P) {
+    sign_rows_a<P()>(wp + it.expert * m * nw, nw, xp + it.row0 * K, K, xs + it.row0, it.out0, it.out0 + it.outs,
+                     op + it.row0 * m, m);
   });
   return out;
 }
@@ -198,21 +203,9 @@ at::Tensor sign_mm_t(const at::Tensor& v, const at::Tensor& words, const at::Ten
   const float* vs = vsum.data_ptr<float>();
   const int32_t* wp = words.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t k = b; k < e; ++k) {
-      const Item& it = items[k];
-      const int32_t* w = wp + it.expert * s * mw;
-      const float* vr = vp + it.row0 * s;
-      float* o = op + it.row0 * m;
-      const float* su = vs + it.row0;
-      const int64_t o0 = it.out0, o1 = it.out0 + it.outs;
-      switch (it.rows) {
-        case 1: sign_rows_b<1>(w, s, mw, vr, s, su, o0, o1, o, m); break;
-        case 2: sign_rows_b<2>(w, s, mw, vr, s, su, o0, o1, o, m); break;
-        case 3: sign_rows_b<3>(w, s, mw, vr, s, su, o0, o1, o, m); break;
-        default: sign_rows_b<4>(w, s, mw, vr, s, su, o0, o1, o, m); break;
-      }
-    }
+  for_items(items, [&](const Item& it, auto P) {
+    sign_rows_b<P()>(wp + it.expert * s * mw, s, mw, vp + it.row0 * s, s, vs + it.row0, it.out0, it.out0 + it.outs,
+                     op + it.row0 * m, m);
   });
   return out;
 }
