@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from packed_parts import random_backbone
 
 from torchao_mobie.algorithms.scale_codes import encode_log8
 from torchao_mobie.kernels.dispatch import choose_backend, use_backend
@@ -78,15 +79,7 @@ def make_weight(E, m, n, *, coded=False, planes=1, plane2=0, mean=False, side="n
     if mean:
         parts["mean"] = (torch.randn(E, m) * 0.02).half()
     if side != "none":
-        N = m if side == "output" else n
-        kb = N // blocks
-        blk = torch.randn(blocks, kb, kb) / kb ** 0.5
-        if bb_dtype == torch.int8:
-            scale = blk.abs().amax(-1) / 127
-            q = torch.round(blk / scale[..., None]).clamp(-127, 127).to(torch.int8)
-            parts["backbone"] = {"blocks": q, "scale": scale.half()}
-        else:
-            parts["backbone"] = {"blocks": blk.to(bb_dtype)}
+        parts["backbone"] = random_backbone(side, m, n, blocks, bb_dtype)
     return MoBiETensor.from_parts(parts, dtype=dtype)
 
 

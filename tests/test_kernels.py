@@ -17,6 +17,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in th
 
 import pytest
 import torch
+from packed_parts import random_backbone
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
@@ -70,15 +71,7 @@ def make_weight(E, m, n, *, side="none", blocks=1, bb_dtype=torch.bfloat16, mean
         parts["sign2"] = torch.randint(0, 2, (E, m, n)).float() * 2 - 1
         parts["col_scale2"] = torch.where(sal, _half(torch.rand(E, n) * 0.3 + 0.05), torch.zeros((), dtype=torch.float16))
     if side != "none":
-        N = m if side == "output" else n
-        kb = N // blocks
-        blk = torch.randn(blocks, kb, kb) / kb ** 0.5
-        if bb_dtype == torch.int8:
-            scale = blk.abs().amax(-1) / 127
-            q = torch.round(blk / scale[..., None]).clamp(-127, 127).to(torch.int8)
-            parts["backbone"] = {"blocks": q, "scale": _half(scale)}
-        else:
-            parts["backbone"] = {"blocks": blk.to(bb_dtype)}
+        parts["backbone"] = random_backbone(side, m, n, blocks, bb_dtype)
     return MoBiETensor.from_parts(parts, dtype=torch.float32)
 
 

@@ -87,9 +87,7 @@ def use_cpu_path(x: torch.Tensor) -> bool:
     """Whether the ``"mobie"`` experts implementation should run this path for activations ``x``: CPU tensors
     inside a ``torch.compile`` trace, or eagerly too once the C++ sign products (:mod:`.cpu_ext`) are built
     (without them an eager call would compile; the reference op runs instead)."""
-    if x.device.type != "cpu" or os.environ.get(ENV_DISABLE, "1") == "0":
-        return False
-    return (torch.compiler.is_compiling() and cpu_enabled()) or cpu_ext.ext_available()
+    return x.device.type == "cpu" and cpu_enabled() and (torch.compiler.is_compiling() or cpu_ext.ext_available())
 
 
 # ----------------------------------------------------------------------------------------------
