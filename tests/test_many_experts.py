@@ -42,7 +42,7 @@ def test_chunked_factor_fit_is_bit_identical_to_the_batched_one(side, monkeypatc
     seen = []
     orig = chunks.expert_chunks
 
-    def small(E_, per, budget=None):
+    def small(E_, per, budget=None, parts=1):
         out = orig(E_, per, 1)  # one aligned chunk of 16 experts at a time
         seen.append([s.stop - s.start for s in out])
         return out

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import workers
 from .chunks import expert_chunks, factor_bytes_per_expert
 from .cejd_backbone import init_backbone, quantize_backbone, refit_backbone
 from .cejd_factor import (  # noqa: F401  (the factor problem's API, also reachable from here)
@@ -146,14 +147,16 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     fside = "input" if side == "none" else side
     history = []
     # the per-expert steps run on expert chunks (the memory rule: algorithms/chunks.py)
-    chunks = expert_chunks(E, factor_bytes_per_expert(m, n, P + 1, fside == "output" or G is not None))
+    # (split over the ranks of a process group: torchao_mobie.workers)
+    chunks = expert_chunks(E, factor_bytes_per_expert(m, n, P + 1, fside == "output" or G is not None),
+                           parts=workers.world_size())
     kw = dict(P=P, percdamp=percdamp, salient_cols=salient_cols, scale_rounds=scale_rounds)
     st = None  # (B, a, b, B2, b2, sal0, sal), per expert
     for r in range(rounds):
         full = _blockdiag(bb)
         # refined signs in an earlier round anchor the backbone refit in a worse optimum: last round only
-        parts = [_fit_round(W[c], H[c], full, fside, G, _take(st, c), refine=refine if r == rounds - 1 else 0,
-                            **kw) for c in chunks]
+        parts = workers.map_chunks(lambda c: _fit_round(W[c], H[c], full, fside, G, _take(st, c),
+                                                        refine=refine if r == rounds - 1 else 0, **kw), chunks)
         st = _join([p[0] for p in parts])
         Q = _cat_like([p[1] for p in parts])
         del parts
@@ -167,7 +170,8 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
         # store the backbone at its dtype, then refit the scales against the stored backbone
         stored, bscale, deq = quantize_backbone(bb, backbone_dtype)
         full = _blockdiag(deq)
-        st = _join([_polish_chunk(W[c], H[c], full, side, G, _take(st, c), polish=polish, **kw) for c in chunks])
+        st = _join(workers.map_chunks(
+            lambda c: _polish_chunk(W[c], H[c], full, side, G, _take(st, c), polish=polish, **kw), chunks))
         backbone = Backbone(stored, bscale)
     B, a, b, B2, b2, sal0, sal = st
     two = sal is not None

@@ -45,11 +45,15 @@ def factor_bytes_per_expert(m: int, n: int, planes: int = 1, left_metric: bool =
     return 4 * (2 * cols * cols + (m * m if left_metric else 0) + 4 * m * cols)
 
 
-def expert_chunks(E: int, per_expert: int, budget: int | None = None) -> list[slice]:
+def expert_chunks(E: int, per_expert: int, budget: int | None = None, parts: int = 1) -> list[slice]:
     """Slices of ``range(E)`` of a multiple of :data:`CHUNK_ALIGN` experts each (the last one: the rest), as
-    many as keep ``len(slice) * per_expert <= budget``, at least ``CHUNK_ALIGN``."""
+    many as keep ``len(slice) * per_expert <= budget``, at least ``CHUNK_ALIGN``; with ``parts`` > 1 (workers)
+    also at most ``ceil(E / parts)`` experts rounded up to the alignment, so each part gets a chunk."""
     budget = chunk_budget() if budget is None else budget
     size = max(CHUNK_ALIGN, budget // max(per_expert, 1) // CHUNK_ALIGN * CHUNK_ALIGN)
+    if parts > 1:
+        share = -(-E // parts)
+        size = min(size, -(-share // CHUNK_ALIGN) * CHUNK_ALIGN)
     return [slice(s, min(E, s + size)) for s in range(0, E, size)]
 
 

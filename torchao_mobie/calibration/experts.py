@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..integrations.transformers import PROJECTIONS, ExpertsCall, ExpertsInfo
+from ..workers import owned_experts, reduce_sum
 from .fallback import DEFAULT_MIN_EXPERT_TOKENS, FallbackEvent
 from .hessian import add_outer, check_finite_activations
 from .router import RouterInputStats
@@ -87,6 +88,7 @@ class ExpertStatsCollector:
         self._down_all: dict[int, torch.Tensor] = {}  # starved experts' down inputs over all tokens
         self.token_mask: torch.Tensor | None = None
         self.heldback = bool(heldback)
+        self.owned = owned_experts(e)  # with workers: this rank's experts (torchao_mobie.workers)
         self.heldback_mask: torch.Tensor | None = None
         self.fit_sums: dict[str, torch.Tensor] = {}
         self.fit_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
@@ -214,6 +216,8 @@ class ExpertStatsCollector:
         info = self.experts
         h_gu, h_dn = sums.get("gate_up_proj"), sums.get("down_proj")
         for e, s, t in routed.segments():
+            if e not in self.owned:
+                continue
             xe = x.index_select(0, routed.token_idx[s:t])  # one expert's tokens at a time (bounded peak memory)
             w = None if routed.pair_weights is None else routed.pair_weights[s:t]
             if h_gu is not None:
@@ -244,10 +248,10 @@ class ExpertStatsCollector:
             raise RuntimeError(
                 f"{self.experts.fqn or 'experts module'}: no tokens were observed; run calibration batches "
                 "through the model between the 'observe' and 'convert' steps")
-        h = self.sums.pop(projection)
+        h = reduce_sum(self.sums.pop(projection))
         fit_sum = self.fit_sums.pop(projection, None)
         if fit_sum is not None:
-            h += fit_sum
+            h += reduce_sum(fit_sum)
         counts = self.counts.clone()
         h.div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
         starved = (counts < self.min_expert_tokens).nonzero().flatten().tolist()

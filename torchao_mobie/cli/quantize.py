@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import workers
 from ..methods.registry import QUANT_METHODS
 from ..pipeline.stream_state import MANIFEST as STREAM_MANIFEST
 from .common import (
@@ -100,7 +101,12 @@ def cmd_quantize(args):
     t_start = time.perf_counter()
     cfg = make_config(args.method)
     model_path = checkpoint_dir(args.model, "--model")
+    # under torchrun: join the process group; the ranks split the experts, rank 0 writes (torchao_mobie.workers)
+    workers.init_from_env(str(device_of(args.device)))
+    if not workers.is_writer():  # one rank reports
+        logging.getLogger("torchao_mobie").setLevel(logging.ERROR)
     out = _check_out_dir(Path(args.out), model_path, args.force, stream=args.stream)
+    workers.barrier()  # every rank has checked --out before rank 0 writes anything
     # a mix "wikitext2+ptb" (or of files) shares the windows out evenly; an existing file is never split
     calib_parts = [args.calib] if Path(args.calib).expanduser().exists() else args.calib.split("+")
     if any(p in CORPORA for p in calib_parts):
@@ -167,8 +173,10 @@ def cmd_quantize(args):
 
     t = time.perf_counter()
     torch.manual_seed(args.seed)
-    report = quantize_model(model, cfg, calib, progress=True, batch_size=args.batch_size)
+    report = quantize_model(model, cfg, calib, progress=workers.is_writer(), batch_size=args.batch_size)
     timing["quantize_s"] = time.perf_counter() - t
+    if not workers.is_writer():
+        return
     print(report.summary(), flush=True)
 
     save_dtype = _save_dtype(args.save_dtype, hf_cfg)
@@ -191,7 +199,7 @@ def cmd_quantize(args):
             "command": ["torchao-mobie", *sys.argv[1:]] if args.argv is None else ["torchao-mobie", *args.argv],
             "model": args.model, "model_path": str(model_path), "method": args.method,
             "config": config_to_dict(cfg),
-            "storage": "packed" if packed else "fake-quant",
+            "storage": "packed" if packed else "fake-quant", "workers": workers.world_size(),
             "calibration": {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                             "tokens": report.calibration_tokens},
             "bits": {"paper_bits": bits.paper_bits, "all_inclusive_bits": bits.all_inclusive_bits,
@@ -320,17 +328,19 @@ def _cmd_stream(args, cfg, model_path: Path, out: Path, hf_cfg, texts, source, t
     except ValueError as e:
         raise CLIError(f"--calib {args.calib}: {e}; use a longer text or a smaller --seqlen") from e
     timing["calibration_data_s"] += time.perf_counter() - t
-    if args.force and out.exists():
+    if args.force and out.exists() and workers.is_writer():
         shutil.rmtree(out)
     t = time.perf_counter()
     torch.manual_seed(args.seed)
     try:
         report = quantize_streaming(model_path, out, cfg, calib, batch_size=args.batch_size, dtype=dtype,
                                     experts_implementation="grouped_mm", save_dtype=_save_dtype(args.save_dtype, hf_cfg),
-                                    progress=True)
+                                    progress=workers.is_writer())
     except StreamResumeError as e:
         raise CLIError(f"--out {out}: {e}") from e
     timing["quantize_s"] = time.perf_counter() - t
+    if not workers.is_writer():
+        return
     tok.save_pretrained(out)
     timing["total_s"] = time.perf_counter() - t_start
     bits = report.bits
@@ -338,6 +348,7 @@ def _cmd_stream(args, cfg, model_path: Path, out: Path, hf_cfg, texts, source, t
         "command": ["torchao-mobie", *sys.argv[1:]] if args.argv is None else ["torchao-mobie", *args.argv],
         "model": args.model, "model_path": str(model_path), "method": args.method, "config": config_to_dict(cfg),
         "storage": "packed" if packed else "fake-quant", "streaming": True,
+        "workers": workers.world_size(),
         "calibration": {"source": source, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed,
                         "tokens": report.calibration_tokens},
         "bits": {"paper_bits": bits.paper_bits, "all_inclusive_bits": bits.all_inclusive_bits, "budget": bits.as_dict()},

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .. import workers
+
 __all__ = ["MANIFEST", "STATE_DIR", "StreamResumeError", "StreamState", "atomic_write_bytes", "atomic_save_file",
            "calibration_digest", "settings_of"]
 
@@ -116,8 +118,10 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 class StreamState:
     """The manifest and saved state of one output directory (see the module docstring)."""
 
-    def __init__(self, out: Path, settings: dict, num_layers: int):
+    def __init__(self, out: Path, settings: dict, num_layers: int, writer: bool = True):
         self.out = Path(out)
+        # with workers (torchao_mobie.workers) only rank 0 writes; the others keep the manifest in memory
+        self.writer = writer
         self.state_dir = self.out / STATE_DIR
         self.settings = settings
         self.digest = _digest(settings)
@@ -127,7 +131,17 @@ class StreamState:
                          "parameters": {}, "plan_memory": {}}
 
     def open(self) -> int:
-        """Create the directory or check the run it holds; returns the layers already done."""
+        """Create the directory or check the run it holds; returns the layers already done. With workers, the
+        other ranks read what rank 0 found or created, once it has."""
+        if not self.writer:
+            workers.barrier()
+            self.manifest = json.loads((self.out / MANIFEST).read_text())
+            return int(self.manifest["layers_done"])
+        done = self._open()
+        workers.barrier()
+        return done
+
+    def _open(self) -> int:
         path = self.out / MANIFEST
         if path.exists():
             old = json.loads(path.read_text())
@@ -149,6 +163,8 @@ class StreamState:
         return 0
 
     def _write_manifest(self) -> None:
+        if not self.writer:
+            return
         atomic_write_bytes(self.out / MANIFEST, (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
 
     # --- per-layer commit --------------------------------------------------------------------------------
@@ -158,15 +174,17 @@ class StreamState:
     def commit_layer(self, layer: int, shard: str, keys: list[str], hidden: list, parameters: dict,
                      plan_memory: dict) -> None:
         """Layer ``layer`` is done: its shard is written; save the activations it produced, then the manifest."""
-        self.state_dir.mkdir(exist_ok=True)
-        atomic_save_file({str(b): h.detach().contiguous().cpu() for b, h in enumerate(hidden)}, self.hidden_path(layer))
+        if self.writer:
+            self.state_dir.mkdir(exist_ok=True)
+            atomic_save_file({str(b): h.detach().contiguous().cpu() for b, h in enumerate(hidden)},
+                             self.hidden_path(layer))
         m = self.manifest
         m["layers_done"] = layer + 1
         m["shards"][shard] = keys
         m["parameters"].update(parameters)
         m["plan_memory"] = {p: {"probed": v["probed"], "won": sorted(v["won"])} for p, v in plan_memory.items()}
         self._write_manifest()
-        if layer > 0 and self.hidden_path(layer - 1).exists():
+        if self.writer and layer > 0 and self.hidden_path(layer - 1).exists():
             os.remove(self.hidden_path(layer - 1))
 
     def resume_hidden(self, devices) -> list:
@@ -180,6 +198,8 @@ class StreamState:
 
     # --- GLAS -------------------------------------------------------------------------------------------------
     def save_glas(self, glas) -> None:
+        if not self.writer:
+            return
         self.state_dir.mkdir(exist_ok=True)
         tensors, order = {}, []
         for fqn in glas.index:
@@ -214,4 +234,5 @@ class StreamState:
         self.manifest["shards"][shard] = keys
         self.manifest["complete"] = True
         self._write_manifest()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self.writer:
+            shutil.rmtree(self.state_dir, ignore_errors=True)

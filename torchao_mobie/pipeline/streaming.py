@@ -52,6 +52,7 @@ from ..storage.convert import FACTORS_ATTR, pack_projection, packs
 from ..storage.hf_quantizer import attach_quantizer
 from ..storage.hub_checkpoint import HubCheckpoint
 from ..storage.serialization import flatten_state_dict
+from .. import workers
 from .batches import CalibrationBatch, calibration_batches, check_calibration
 from .guards import check_packable, targets_of
 from .handler import selected_targets, tag_names
@@ -244,7 +245,8 @@ def _write_shard(path: Path, sd: dict, packed: bool) -> list[str]:
         tensors, meta = flatten_state_dict(sd)
     else:
         tensors, meta = {k: v.detach().contiguous() for k, v in sd.items()}, {"format": "pt"}
-    atomic_save_file(tensors, path, meta)
+    if workers.is_writer():
+        atomic_save_file(tensors, path, meta)
     return sorted(tensors)
 
 
@@ -292,7 +294,7 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
     state = StreamState(out, settings_of(config, checkpoint=ckpt.fingerprint(), calibration=calibration_digest(batches),
                                          batch_size=batch_size, true_sequential=true_sequential, dtype=dtype,
                                          experts_implementation=experts_implementation, save_dtype=save_dtype),
-                        n_layers)
+                        n_layers, writer=workers.is_writer())
     done = state.open()
     hidden, calls = _capture_calls(model, layout, batches)
     layers = _Layers(model, layout, ckpt)
@@ -310,6 +312,7 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
     if 0 < done < n_layers:
         hidden = state.resume_hidden([h.device for h in hidden])
     plan_memory = state.plan_memory()
+    workers.barrier()  # every rank has read the saved state before rank 0 moves on (and removes some of it)
     heldloss = None
     if any(b.heldback for b in batches) and head is not None:
         heldloss = HeldbackLoss([layers.runner(i) for i in range(n_layers)], calls, batches, head, _layer_output)
@@ -338,7 +341,8 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
         finally:
             layers.free(layer.index)
         _maybe_fail(layer.index + 1)
-    _finish(model, model_dir, out, layout, state, config, packed, dtype, save_dtype, n_layers)
+    if workers.is_writer():
+        _finish(model, model_dir, out, layout, state, config, packed, dtype, save_dtype, n_layers)
     report.parameters = {k: BitBudget(**v) for k, v in state.manifest["parameters"].items()}
     report.wall_time_s = time.perf_counter() - t0
     ckpt.close()
