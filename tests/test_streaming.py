@@ -133,3 +133,29 @@ def test_cli_stream_resumes_and_reloads(sharded, calib_text_file, tmp_path, caps
     with pytest.raises(SystemExit):
         main([("8" if a == "4" and argv[i - 1] == "--nsamples" else a) for i, a in enumerate(argv)])
     assert "other settings" in capsys.readouterr().err
+
+
+def test_cli_streams_by_default_when_the_model_does_not_fit(sharded, calib_text_file, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from torchao_mobie.cli import main
+    from torchao_mobie.cli import quantize as Q
+
+    src = sharded("micro-qwen3moe")
+    numel, stored = Q._weight_numel(src)
+    assert numel > 0 and stored == 4 * numel  # the zoo's fp32 weights, read from the shards' headers
+    need = 4 * numel * Q.NEED_FACTOR + Q.NEED_EXTRA_GB * 2**30
+    args = argparse.Namespace(model=str(src), dtype="float32", device="cpu")
+    monkeypatch.setattr(Q, "_available_bytes", lambda device: int(need) + 1)
+    assert Q._stream_by_default(args, src) is False
+    monkeypatch.setattr(Q, "_available_bytes", lambda device: int(need) - 1)
+    assert Q._stream_by_default(args, src) is True
+    out = tmp_path / "auto"
+    main(["quantize", "--model", str(src), "--method", "mobie", "--calib", str(calib_text_file), "--nsamples", "4",
+          "--seqlen", "32", "--out", str(out), "--device", "cpu"])
+    assert "streaming it layer by layer" in capsys.readouterr().out
+    assert json.loads((out / MANIFEST).read_text())["complete"]
+    # --no-stream loads it whole whatever the rule says
+    main(["quantize", "--model", str(src), "--method", "mobie", "--calib", str(calib_text_file), "--nsamples", "4",
+          "--seqlen", "32", "--out", str(tmp_path / "whole"), "--device", "cpu", "--no-stream"])
+    assert not (tmp_path / "whole" / MANIFEST).exists()

@@ -78,11 +78,13 @@ def add_parser(sub, common) -> None:
     q.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     q.add_argument("--no-pack", action="store_true", help="MoBiE: save fake-quant weights instead of packed 1-bit")
     q.add_argument("--data-dir", default=None, help=DATA_HELP)
-    q.add_argument("--stream", action="store_true",
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help="streaming: read --model (safetensors, one file or hub shards) one decoder layer at a time and "
                         "write each finished layer to --out at once (memory: about one layer plus the calibration "
                         "activations). Rerunning the same command after a crash resumes after the last finished "
-                        "layer; other settings refuse to resume into that --out. CPU only")
+                        "layer; other settings refuse to resume into that --out. CPU only. Default: streaming when "
+                        f"the model does not fit (its weights at the load dtype x {NEED_FACTOR} + "
+                        f"{NEED_EXTRA_GB:g} GB above the available memory); --no-stream loads it whole")
     q.set_defaults(fn=cmd_quantize)
 
 
@@ -101,6 +103,8 @@ def cmd_quantize(args):
     t_start = time.perf_counter()
     cfg = make_config(args.method)
     model_path = checkpoint_dir(args.model, "--model")
+    if args.stream is None:
+        args.stream = _stream_by_default(args, model_path)
     # under torchrun: join the process group; the ranks split the experts, rank 0 writes (torchao_mobie.workers)
     workers.init_from_env(str(device_of(args.device)))
     if not workers.is_writer():  # one rank reports
@@ -264,6 +268,66 @@ def _cast_unquantized(model, dtype) -> None:
         if not isinstance(p.data, MoBiETensor) and type(p.data) is torch.Tensor and p.is_floating_point():
             p.data = p.data.to(dtype)
     model.config.dtype = dtype
+
+
+# the memory rule of automatic streaming: an in-memory run holds the model at its load dtype, the per-expert
+# statistics and the calibration activations (measured on the zoo: peak RSS 1.2-1.5x the fp32 weights, + torch)
+NEED_FACTOR = 1.5
+NEED_EXTRA_GB = 1.0
+
+
+def _weight_numel(model_path: Path) -> tuple[int, int]:
+    """(floating elements, their stored bytes) over the checkpoint's safetensors files, from the headers."""
+    import json as _json
+
+    numel = nbytes = 0
+    for f in sorted(model_path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = _json.loads(fh.read(n))
+        for k, v in header.items():
+            if k != "__metadata__" and v["dtype"] in ("F32", "F16", "BF16", "F64"):
+                e = 1
+                for d in v["shape"]:
+                    e *= d
+                numel += e
+                nbytes += v["data_offsets"][1] - v["data_offsets"][0]
+    return numel, nbytes
+
+
+def _available_bytes(device) -> int:
+    """Free memory where the model would be loaded: GPU free memory, else the host's MemAvailable."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _stream_by_default(args, model_path: Path) -> bool:
+    """Stream when the model does not fit (the rule above); say so."""
+    numel, stored = _weight_numel(model_path)
+    per = {"float32": 4, "bfloat16": 2}.get(args.dtype)
+    need = (numel * per if per else stored) * NEED_FACTOR + NEED_EXTRA_GB * 2**30
+    device = device_of(args.device)
+    avail = _available_bytes(device)
+    if need <= avail:
+        return False
+    if device.type != "cpu":
+        if args.device != "auto":
+            raise CLIError(f"--device {args.device}: the model needs about {need / 2**30:.1f} GiB there and "
+                           f"{avail / 2**30:.1f} GiB are free; stream it on the CPU (--device cpu) or use a larger device")
+        args.device = "cpu"
+    print(f"note: --model {args.model} needs about {need / 2**30:.1f} GiB in memory ({numel / 1e9:.2f} B weights at "
+          f"--dtype {args.dtype}), {avail / 2**30:.1f} GiB are available: streaming it layer by layer on the CPU "
+          "(--no-stream loads it whole)", flush=True)
+    return True
 
 
 def _check_out_dir(out: Path, model_path: Path, force: bool, stream: bool = False) -> Path:

@@ -119,6 +119,16 @@ HELDOUT: dict[str, ZooSpec] = {
             hidden_size=256, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
             router_aux_loss_coef=0.01), weight_decay=0.5, seed=5),
+        # less fragile recipe, second try: twice the zoo's peak lr (6e-3; a lower peak made models *more*
+        # fragile, so a higher one should leave them in flatter minima)
+        ZooSpec("heldout-mixtral-9m-hlr", "mixtral", "coarse", dict(
+            hidden_size=256, intermediate_size=288, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, num_local_experts=8, num_experts_per_tok=2,
+            router_aux_loss_coef=0.01), lr=6e-3, seed=6),
+        ZooSpec("heldout-qwen3moe-12m-hlr", "qwen3_moe", "fine-grained", dict(
+            hidden_size=256, intermediate_size=1024, moe_intermediate_size=104, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=32,
+            num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.01), lr=6e-3, seed=7),
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)
