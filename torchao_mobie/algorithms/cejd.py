@@ -153,7 +153,8 @@ def cejd_quantize(W, H, *, side: str | None = None, blocks: int = 1, backbone_dt
     kw = dict(P=P, percdamp=percdamp, salient_cols=salient_cols, scale_rounds=scale_rounds)
     st = None  # (B, a, b, B2, b2, sal0, sal), per expert
     for r in range(rounds):
-        full = _blockdiag(bb)
+        # no backbone: the identity is skipped (products with it are exact, so this only saves time)
+        full = None if side == "none" else _blockdiag(bb)
         # refined signs in an earlier round anchor the backbone refit in a worse optimum: last round only
         parts = workers.map_chunks(lambda c: _fit_round(W[c], H[c], full, fside, G, _take(st, c),
                                                         refine=refine if r == rounds - 1 else 0, **kw), chunks)
@@ -310,7 +311,7 @@ def _refine(B, a, b, B2, b2, sal, fm, times: int, scale_rounds: int, cols: int |
 
 
 def _obj(W, Q, full, side, H, G, per_expert=False):
-    What = full @ Q if side == "output" else Q @ full
+    What = Q if full is None else full @ Q if side == "output" else Q @ full
     return layer_objective(W, What, H, G, per_expert)
 
 

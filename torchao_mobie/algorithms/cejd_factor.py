@@ -72,17 +72,19 @@ class FactorMetrics:
 
 
 def factor_metrics(W, H, backbone, side: str, G=None, ridge: float = 1e-6) -> FactorMetrics:
-    """Metrics of the per-expert factor for a fixed (dequantized, full) backbone ``[k, k]``."""
+    """Metrics of the per-expert factor for a fixed (dequantized, full) backbone ``[k, k]``; ``None``: no
+    backbone (the identity on the input side, whose products are skipped: ``H`` is symmetric already)."""
     if side == "input":
         S = backbone
-        Hf = _sym(S @ H @ S.t())
+        Hf = H if S is None else _sym(S @ H @ S.t())
         GW = W if G is None else G @ W
-        T = GW @ H @ S.t()
+        T = GW @ H if S is None else GW @ H @ S.t()
         Gf = G.expand(W.shape[0], -1, -1) if G is not None else None
         # A = W H Sᵀ (S H Sᵀ)⁻¹ (least-squares factor in the H metric)
         damp = ridge * Hf.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[:, None, None]
         eye = torch.eye(Hf.shape[-1], dtype=Hf.dtype)
-        A = _solve(Hf + damp * eye, (W @ H @ S.t()).transpose(-1, -2)).transpose(-1, -2)
+        WH = (W @ H) if S is None else W @ H @ S.t()
+        A = _solve(Hf + damp * eye, WH.transpose(-1, -2)).transpose(-1, -2)
     else:
         M = backbone
         GM = M if G is None else G @ M
