@@ -22,9 +22,10 @@ def test_expert_chunks_are_aligned_and_within_the_budget():
         parts = chunks.expert_chunks(E, per, budget)
         assert parts[0].start == 0 and parts[-1].stop == E
         assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+        single = per * chunks.CHUNK_ALIGN > chunks.UNALIGNED_ABOVE * budget  # far past the budget
         for p in parts:
-            assert p.start % chunks.CHUNK_ALIGN == 0
             size = p.stop - p.start
+            assert size == 1 if single else p.start % chunks.CHUNK_ALIGN == 0
             assert size * per <= budget or size <= chunks.CHUNK_ALIGN
     assert len(chunks.expert_chunks(512, 1000, 100_000)) == 512 // 96 + 1  # 96 = 100 rounded down to 16s
 
@@ -43,7 +44,7 @@ def test_chunked_factor_fit_is_bit_identical_to_the_batched_one(side, monkeypatc
     orig = chunks.expert_chunks
 
     def small(E_, per, budget=None, parts=1):
-        out = orig(E_, per, 1)  # one aligned chunk of 16 experts at a time
+        out = orig(E_, per, 4 * per)  # one aligned chunk of 16 experts at a time (the floor)
         seen.append([s.stop - s.start for s in out])
         return out
 
@@ -104,3 +105,16 @@ def test_512_experts_quantize_in_expert_chunks(monkeypatch):
         assert E <= max(chunks.CHUNK_ALIGN, budget // per // chunks.CHUNK_ALIGN * chunks.CHUNK_ALIGN) < 512
     assert chunked_sums  # the output-side candidate's backbone refit
     assert sum(isinstance(p, MoBiETensor) for p in model.parameters()) == 2
+
+
+def test_experts_far_past_the_budget_go_one_at_a_time():
+    """At Qwen3-30B-A3B's width 16 experts' temporaries pass the budget many times over: single experts."""
+    from torchao_mobie.algorithms.chunks import UNALIGNED_ABOVE, expert_chunks, factor_bytes_per_expert
+
+    per = factor_bytes_per_expert(1536, 2048, 1, False)  # gate_up of one expert, ~80 MB
+    budget = 256 * 2**20
+    assert 16 * per > UNALIGNED_ABOVE * budget
+    assert expert_chunks(128, per, budget) == [slice(e, e + 1) for e in range(128)]
+    assert expert_chunks(128, per, budget, parts=2) == expert_chunks(128, per, budget)  # same for any workers
+    # within the factor the aligned floor of 16 stays (bit-identical to the batch)
+    assert expert_chunks(40, budget // 4, budget) == [slice(0, 16), slice(16, 32), slice(32, 40)]

@@ -11,7 +11,7 @@ each expert alone, but oneMKL's solves and products take alignment-dependent pat
 each expert's matrices the address (modulo 64 bytes) it has in the whole batch, which chunks starting at
 multiples of 16 experts do for fp32 and fp64 (the zoo's packed hashes are the same with chunks of 16; with
 chunks of 5 they are not). The budget only trades memory for kernel-call overhead (a 16-expert chunk
-may pass it: the floor).
+may pass it: the floor, up to 4x; past that, one expert per chunk, without the alignment).
 
 What stays whole: the weights ``[E, m, n]`` and the per-expert Hessians ``[E, n, n]`` the caller holds
 (the layer's own statistics), and the fit's sums over experts (backbone refits), which
@@ -30,6 +30,8 @@ __all__ = ["CHUNK_ALIGN", "CHUNK_BYTES", "chunk_budget", "expert_chunks", "facto
 CHUNK_BYTES = 256 * 2**20
 # experts per chunk are a multiple of this (fp32 matrices keep their address modulo 64 bytes)
 CHUNK_ALIGN = 16
+# ... unless 16 experts' temporaries pass the budget by more than this factor: then one expert per chunk
+UNALIGNED_ABOVE = 4
 
 
 def chunk_budget() -> int:
@@ -47,10 +49,20 @@ def factor_bytes_per_expert(m: int, n: int, planes: int = 1, left_metric: bool =
 
 def expert_chunks(E: int, per_expert: int, budget: int | None = None, parts: int = 1) -> list[slice]:
     """Slices of ``range(E)`` of a multiple of :data:`CHUNK_ALIGN` experts each (the last one: the rest), as
-    many as keep ``len(slice) * per_expert <= budget``, at least ``CHUNK_ALIGN``; with ``parts`` > 1 (workers)
+    many as keep ``len(slice) * per_expert <= budget``, at least ``CHUNK_ALIGN`` (single experts when that
+    floor passes the budget more than :data:`UNALIGNED_ABOVE` times); with ``parts`` > 1 (workers)
     also at most ``ceil(E / parts)`` experts rounded up to the alignment, so each part gets a chunk."""
     budget = chunk_budget() if budget is None else budget
-    size = max(CHUNK_ALIGN, budget // max(per_expert, 1) // CHUNK_ALIGN * CHUNK_ALIGN)
+    size = budget // max(per_expert, 1)
+    if size >= CHUNK_ALIGN:
+        size = size // CHUNK_ALIGN * CHUNK_ALIGN
+    elif per_expert * CHUNK_ALIGN > UNALIGNED_ABOVE * budget:
+        # experts so large that 16 of them pass the budget many times over (Qwen3-30B-A3B's width: ~0.24 GB
+        # each, so a 16-expert chunk held ~4 GB per temporary): one expert at a time. Deterministic, and the
+        # same with any number of workers, but not bit for bit the batched result (alignment, above)
+        return [slice(s, s + 1) for s in range(E)]
+    else:
+        size = CHUNK_ALIGN
     if parts > 1:
         share = -(-E // parts)
         size = min(size, -(-share // CHUNK_ALIGN) * CHUNK_ALIGN)
