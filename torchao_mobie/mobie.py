@@ -68,9 +68,13 @@ class MoBiEConfig(BinarizationConfig):
             energy); None = as many as the bit budget leaves (up to all of them: a full second plane).
         route_weighted: weight each routed token of an expert's Hessian by its squared routing weight
             ``g²`` (``Σ g²·x xᵀ``): the MoE block output is ``Σ g_e·expert_e(x)``, so this is the block's
-            output error rather than the expert's own (BiLLM/ARB's per-expert convention). Seed 0
-            (benchmarks/results/ablation.md, on vs off): gap 0.0212 vs 0.0234 qwen2moe-32e-shared, 0.0293
-            vs 0.0302 qwen3moe-32e, 0.0215 vs 0.0247 olmoe-32e, 0.0337 vs 0.0351 mixtral-8e.
+            output error rather than the expert's own (BiLLM/ARB's per-expert convention). Off by default:
+            with the budget spent on planes it made the zoo worse (benchmarks/results/zoo_ablation_planes.md,
+            3 seeds, gap off vs on: mixtral-8e 0.0246 vs 0.0266, beyond the seed spread; qwen3moe-32e 0.0231
+            vs 0.0240, olmoe-32e 0.0212 vs 0.0219, qwen2moe-32e-shared 0.0169 vs 0.0166), and the held-out
+            models agree (heldout_ablation_planes.md: off better or level on all six). GLAS's gradients
+            already carry the routing weight of every (token, expert) pair (``∂ℓ/∂Z_e`` includes ``g_e``).
+            Before the planes it helped at seed 0 (ablation.md: 0.0212 vs 0.0234 on qwen2moe-32e-shared).
         scale_rounds: closed-form row/column scale alternations per refit (1: every refinement round refits
             the scales again, so more alternations only cost time: captured layers within ±1%, -25% time).
         glas_lambda: mixing weight of the gradient-weighted Hessian, in [0, 1].
@@ -143,7 +147,7 @@ class MoBiEConfig(BinarizationConfig):
     nges_decay: float = 0.5
     refine: int = 2
     polish: int = 1
-    route_weighted: bool = True
+    route_weighted: bool = False
     salient_cols: int | None = None
     max_bits: float | None = None
     percdamp: float = 0.1
