@@ -235,14 +235,16 @@ def _fit_round(W, H, full, fside, G, st, *, P, percdamp, salient_cols, scale_rou
     # tokens) two planes on one column can cancel with scales beyond fp16
     better = lambda Q: _obj(W, _collapse(Q, P), full, fside, H, G, True)  # noqa: E731
     f = (B, a, b, B2, b2)
-    f = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
+    # each step's per-expert objective is carried to the next comparison (one product less per step)
+    f, fs = _keep_better(f, refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal), sal, better)
     # sign descent flips the first plane only: on further planes it over-fits the calibration tokens
     # (heldout-mixtral-9m seed 2: gap 0.0178 refining every plane, 0.0106 the first only)
     rcols = n if P else None
     if refine:
-        f = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds, rcols), sal, better)
+        f, fs = _keep_better(f, _refine(f[0].clone(), *f[1:], sal, fm, refine, scale_rounds, rcols), sal, better,
+                             old_score=fs)
     if prev is not None:  # a fresh binarization can lose to the previous factor under the new backbone
-        f = _keep_better(prev, f, sal, better)
+        f, _ = _keep_better(prev, f, sal, better, new_score=fs)
     B, a, b, B2, b2 = f
     Q = _collapse(_factor(a, B, b, B2 if sal is not None else None, b2), P)
     return (B, a, b, B2, b2, sal0, sal), Q
@@ -255,7 +257,7 @@ def _polish_chunk(W, H, full, side, G, st, *, P, polish, scale_rounds, **_):
     fm = _stacked(factor_metrics(W, H, full, side, G), P)
     new = refit_scales(B.clone(), a, b, fm, scale_rounds, B2=B2, b2=b2, salient=sal)
     new = _refine(*new, sal, fm, polish, scale_rounds, W.shape[-1] if P else None)
-    f = _keep_better((B, a, b, B2, b2), new, sal, lambda Q: _obj(W, _collapse(Q, P), full, side, H, G, True))
+    f, _ = _keep_better((B, a, b, B2, b2), new, sal, lambda Q: _obj(W, _collapse(Q, P), full, side, H, G, True))
     return (*f, sal0, sal)
 
 
@@ -315,7 +317,7 @@ def _obj(W, Q, full, side, H, G, per_expert=False):
     return layer_objective(W, What, H, G, per_expert)
 
 
-def _keep_better(old, new, sal, objective):
+def _keep_better(old, new, sal, objective, old_score=None, new_score=None):
     """Per expert, the factor (signs and scales) with the lower layer objective, measured with the scales
     rounded to their stored fp16 (an fp16 overflow counts as infinitely bad), so no step of the
     alternation makes an expert worse: on experts with almost no calibration tokens the closed-form
@@ -327,11 +329,13 @@ def _keep_better(old, new, sal, objective):
         v = objective(Q)
         return torch.where(torch.isfinite(v), v, torch.full_like(v, float("inf")))
 
-    take = score(new) <= score(old)  # [E]
+    so = score(old) if old_score is None else old_score
+    sn = score(new) if new_score is None else new_score
+    take = sn <= so  # [E]
     out = []
     for o, n in zip(old, new):
         if o is None or n is None:
             out.append(n)
         else:
             out.append(torch.where(take.view(-1, *([1] * (n.dim() - 1))), n, o))
-    return tuple(out)
+    return tuple(out), torch.where(take, sn, so)
