@@ -38,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -305,6 +306,15 @@ def summarize(args, device: str, runs: dict, depth_rows: dict, worker_rows: dict
            "seconds_per_layer": spl,
            "projection": f"linear: seconds_per_layer x {TARGET_TOKENS} / {tokens} tokens x {TARGET_LAYERS} layers",
            "projected_minutes_48_layers_by_method": {m: round(projection(s, tokens), 1) for m, s in spl.items()}}
+    # MoBiE's first MoE layer is its probe (every layout fit, then the refit) and later layers fit one layout:
+    # with 2+ layers measured, the first layer once plus the mean of the others for the remaining 47
+    aware = {m: round((r["layer_seconds"][0] + (TARGET_LAYERS - 1) * statistics.fmean(r["layer_seconds"][1:]))
+                      * TARGET_TOKENS / tokens / 60, 1)
+             for m, r in ok.items() if len(r.get("layer_seconds") or []) >= 2}
+    if aware:
+        res["projected_minutes_48_layers_probe_aware_by_method"] = aware
+        if "mobie" in aware and "billm" in aware:
+            res["mobie_vs_billm_probe_aware"] = round(aware["mobie"] / aware["billm"], 3)
     proj = res["projected_minutes_48_layers_by_method"]
     res["projected_minutes_48_layers"] = proj.get("mobie")
     res["billm_projected_minutes_48_layers"] = proj.get("billm")
@@ -354,7 +364,10 @@ def markdown(res: dict) -> str:
                      f"{', '.join(fmt(x) for x in r['layer_seconds'])} | {fmt(r.get('glas_share'), 3)} | "
                      f"{fmt(r['peak_rss_gb'])} | {fmt(r.get('peak_gpu_gb'))} | "
                      f"{fmt(res['projected_minutes_48_layers_by_method'].get(m), 1)} |")
-    lines += ["", f"MoBiE / BiLLM projected time: {fmt(res.get('mobie_vs_billm_projected'), 3)}", "",
+    lines += ["", f"MoBiE / BiLLM projected time: {fmt(res.get('mobie_vs_billm_projected'), 3)}; counting MoBiE's probe "
+              f"layer once (first layer + 47 x the later layers' mean): "
+              f"{fmt(res.get('mobie_vs_billm_probe_aware'), 3)} "
+              f"({res.get('projected_minutes_48_layers_probe_aware_by_method', {})} min)", "",
               "| MoBiE depth | peak RSS GB | s total |", "|---|---|---|"]
     for d, r in res["runs"]["depths"].items():
         lines.append(f"| {d} | {fmt(r.get('peak_rss_gb'))} | {fmt(r.get('seconds'), 1)}"
@@ -396,6 +409,7 @@ def parse_args(argv):
                     help="checkpoint and scratch outputs (the checkpoint is reused while its spec matches)")
     ap.add_argument("--name", default=None, help="results stem (default scale_<device>; tiny: scale_tiny)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite <name>.json/.md from its stored runs")
     ap.add_argument("--note", default=None, help="free text stored with the results (e.g. the machine's load)")
     args = ap.parse_args(argv)
     base = TINY if args.tiny else {**REAL, "layers": 4, "depths": [2, 4, 8], "nsamples": 8, "seqlen": 256}
@@ -414,6 +428,15 @@ def main(argv=None) -> int:
     device = device_name(args.device)
     name = args.name or f"scale_{device}"
     tag = "-".join(f"{k}{v}" for k, v in args.dims.items()) + f"-v{args.vocab}"
+    if args.report_only:  # the summary again, from the runs stored in <name>.json (no measurement)
+        old = json.loads((args.results / f"{name}.json").read_text())
+        res = summarize(args, device, old["runs"]["methods"],
+                        {int(d): r for d, r in old["runs"]["depths"].items()},
+                        {int(n): r for n, r in old["runs"]["workers"].items()}, old["command"])
+        (args.results / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+        (args.results / f"{name}.md").write_text(markdown(res))
+        print(markdown(res))
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     depth = max([args.layers, *args.depths])
     t = time.perf_counter()

@@ -54,3 +54,18 @@ def test_tiny_defaults_do_not_touch_real_results():
     assert args.name == "scale_tiny" and args.dims["experts"] == 8 and args.dims["hidden"] == 64
     real = scale.parse_args([])
     assert real.name is None and real.dims == scale.REAL and real.depths == [2, 4, 8]
+
+
+def test_probe_aware_projection_counts_the_first_layer_once():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(nsamples=8, seqlen=128, layers=2, vocab=512, note=None, threads=1, dtype="float32",
+                           dims=dict(scale.REAL))
+    runs = {"mobie": {"seconds_per_layer": 295.0, "layer_seconds": [450.0, 140.0], "peak_rss_gb": 4.0},
+            "billm": {"seconds_per_layer": 130.0, "layer_seconds": [130.0, 130.0], "peak_rss_gb": 2.0}}
+    res = scale.summarize(args, "cpu-test", runs, {}, {}, "cmd")
+    per_min = scale.TARGET_TOKENS / 1024 / 60
+    assert res["projected_minutes_48_layers_probe_aware_by_method"]["mobie"] == pytest.approx(
+        (450 + 47 * 140) * per_min, abs=0.1)
+    assert res["mobie_vs_billm_probe_aware"] == pytest.approx((450 + 47 * 140) / (48 * 130), abs=1e-3)
+    assert res["mobie_vs_billm_projected"] == pytest.approx(295 / 130, abs=1e-3)  # the plain linear one stays
