@@ -422,6 +422,11 @@ def parse_args(argv):
     return args
 
 
+def write(results: Path, name: str, res: dict) -> None:
+    (results / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (results / f"{name}.md").write_text(markdown(res))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -433,8 +438,7 @@ def main(argv=None) -> int:
         res = summarize(args, device, old["runs"]["methods"],
                         {int(d): r for d, r in old["runs"]["depths"].items()},
                         {int(n): r for n, r in old["runs"]["workers"].items()}, old["command"])
-        (args.results / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (args.results / f"{name}.md").write_text(markdown(res))
+        write(args.results, name, res)
         print(markdown(res))
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -449,8 +453,7 @@ def main(argv=None) -> int:
 
     def save():
         res = summarize(args, device, runs, depth_rows, worker_rows, command)
-        (args.results / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (args.results / f"{name}.md").write_text(markdown(res))
+        write(args.results, name, res)
         return res
 
     def run(method, layers, workers=1):

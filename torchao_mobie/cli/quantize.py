@@ -278,21 +278,10 @@ NEED_EXTRA_GB = 1.0
 
 def _weight_numel(model_path: Path) -> tuple[int, int]:
     """(floating elements, their stored bytes) over the checkpoint's safetensors files, from the headers."""
-    import json as _json
+    from ..storage.hub_checkpoint import DTYPE_BYTES, FLOAT_DTYPES, tensor_sizes
 
-    numel = nbytes = 0
-    for f in sorted(model_path.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = _json.loads(fh.read(n))
-        for k, v in header.items():
-            if k != "__metadata__" and v["dtype"] in ("F32", "F16", "BF16", "F64"):
-                e = 1
-                for d in v["shape"]:
-                    e *= d
-                numel += e
-                nbytes += v["data_offsets"][1] - v["data_offsets"][0]
-    return numel, nbytes
+    sizes = [(dt, n) for dt, n in tensor_sizes(sorted(model_path.glob("*.safetensors"))) if dt in FLOAT_DTYPES]
+    return sum(n for _, n in sizes), sum(n * DTYPE_BYTES[dt] for dt, n in sizes)
 
 
 def _available_bytes(device) -> int:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -50,7 +49,7 @@ from ..methods.base import BinarizationConfig
 from ..algorithms.result import BitBudget
 from ..storage.convert import FACTORS_ATTR, pack_projection, packs
 from ..storage.hf_quantizer import attach_quantizer
-from ..storage.hub_checkpoint import HubCheckpoint
+from ..storage.hub_checkpoint import DTYPE_BYTES, HubCheckpoint, tensor_sizes
 from ..storage.serialization import flatten_state_dict
 from .. import workers
 from .batches import CalibrationBatch, calibration_batches, check_calibration
@@ -371,14 +370,7 @@ def _finish(model, model_dir: Path, out: Path, layout, state: StreamState, confi
     model.config.save_pretrained(out)
     shards = dict(state.manifest["shards"], **{shard: keys})
     weight_map = {k: s for s, ks in sorted(shards.items()) for k in ks}
-    total = 0
-    from safetensors import safe_open
-
-    for s in sorted(shards):
-        with safe_open(str(out / s), framework="pt") as f:
-            for k in f.keys():
-                sl = f.get_slice(k)
-                total += math.prod(sl.get_shape()) * _DTYPE_BYTES[sl.get_dtype()]
+    total = sum(n * DTYPE_BYTES[dt] for dt, n in tensor_sizes(out / s for s in sorted(shards)))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write_bytes(out / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
     gen = model_dir / "generation_config.json"
@@ -386,5 +378,3 @@ def _finish(model, model_dir: Path, out: Path, layout, state: StreamState, confi
         shutil.copyfile(gen, out / "generation_config.json")
     state.finish(shard, keys)
 
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -16,16 +16,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from copy import deepcopy
 from pathlib import Path
 
 import torch
 
-__all__ = ["HubCheckpoint", "checkpoint_files"]
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "HubCheckpoint", "checkpoint_files", "tensor_sizes"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def tensor_sizes(paths):
+    """``(safetensors dtype, element count)`` of every tensor in the files, read from their headers."""
+    from safetensors import safe_open
+
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                yield sl.get_dtype(), math.prod(sl.get_shape())
 
 
 def checkpoint_files(model_dir) -> dict[str, str]:
