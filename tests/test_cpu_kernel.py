@@ -259,15 +259,20 @@ def _unpack(words: torch.Tensor, n: int) -> torch.Tensor:
     return bits.reshape(*words.shape[:-1], -1)[..., :n].float() * 2 - 1
 
 
-@pytest.mark.parametrize("E,m,n,S", [(5, 37, 70, 9), (8, 130, 256, 1), (3, 64, 96, 13), (2, 300, 40, 7)])
-def test_ext_sign_products_match_unpacked(E, m, n, S):
-    """Runs of 1-4+ rows per expert, unsorted ids, output tails past the register tiles, experts without rows."""
+@pytest.mark.parametrize("E,m,n,S,s,sort", [
+    (5, 37, 70, 9, 11, False), (8, 130, 256, 1, 11, False), (3, 64, 96, 13, 11, False), (2, 300, 40, 7, 11, False),
+    # sorted runs of 1-8 and more rows (several lookup-table chunks per expert), 19 and 17 words per row (a
+    # partial 16-word block), salient slots past a multiple of 8 and outputs past a 512-output item
+    (4, 700, 600, 40, 19, True), (3, 1030, 544, 23, 1, True), (6, 33, 2048, 17, 70, True)])
+def test_ext_sign_products_match_unpacked(E, m, n, S, s, sort):
+    """Runs of 1-8+ rows per expert, unsorted ids, output tails past the register tiles, experts without rows."""
     if not cpu_ext.ext_available():
         pytest.skip(f"C++ sign products not used here: {cpu_ext.ext_error()}")
-    nw, mw, s = (n + 31) // 32, (m + 31) // 32, 11
+    nw, mw = (n + 31) // 32, (m + 31) // 32
     words = torch.randint(-2 ** 31, 2 ** 31 - 1, (E, m, nw), dtype=torch.int32)
     words2 = torch.randint(-2 ** 31, 2 ** 31 - 1, (E, s, mw), dtype=torch.int32)
     ids = torch.randint(0, E - 1, (S,))
+    ids = ids.sort().values if sort else ids
     x, v = torch.randn(S, n), torch.randn(S, s)
     got = cpu_ext.sign_mm(torch.nn.functional.pad(x, (0, 32 * nw - n)), words, ids)
     _close(got, torch.einsum("smn,sn->sm", _unpack(words, n)[ids], x), "sign_mm", tol=1e-5)

@@ -3,9 +3,11 @@
 Why a C++ extension: inductor's fused loop for the binary GEMV (:mod:`.cpu`) expands each sign bit with
 integer vector ops (shift, mask, xor, add: about five instructions per weight and activation row), which
 left real-size decode compute-bound at 1.6x bf16 and prefill at 0.48x (``benchmarks/results/cpu_decode.md``,
-first run). With AVX-512 a 16-bit half of a packed sign word *is* a mask register: one masked add per 16
-weights and row. The rest of the factor product (scale decoding, gathers, the salient slots, the backbones)
-stays in torch ops that inductor fuses around these two opaque calls.
+first run). Here the sign bits are never expanded: with AVX-512, each nibble of sign bits indexes a 16-entry
+table of signed partial sums of the activations (T-MAC style lookup tables, exact in fp32), 16 output rows per
+``vpermps``; the salient plane's bits, stored along the output dim, are first transposed by ``gf2p8affine``
+(GFNI; without it, masked adds). The rest of the factor product (scale decoding, gathers, the salient slots,
+the backbones) stays in torch ops that inductor fuses around these two opaque calls.
 
 Built with ``torch.utils.cpp_extension.load`` (``-O3 -march=native``, OpenMP through torch's own runtime)
 into torch's extensions cache the first time a packed CPU forward runs (about 10 s); a C++ compiler and ninja
@@ -78,7 +80,8 @@ def ext_error() -> str | None:
 
 def sign_mm(x: torch.Tensor, words: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """``out[i, r] = Σ_j s[ids[i], r, j] x[i, j]``: ``x [S, 32 nw]`` fp32 (zero padded), ``words [E, m, nw]``
-    int32 signs along the reduction dim (bit set = +1); rows sorted by expert share each loaded word."""
+    int32 signs along the reduction dim (bit set = +1); rows sorted by expert (up to 8 a chunk) share each
+    loaded word."""
     return torch.ops.mobie_cpu.sign_mm(x.contiguous(), words.contiguous(), ids.contiguous())
 
 
