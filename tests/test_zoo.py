@@ -63,23 +63,29 @@ def test_heldout_specs_are_the_published_peer_kind():
     assert d.n_group > 1 and d.topk_group < d.n_group and d.kv_lora_rank and d.routed_scaling_factor != 1
 
 
-def test_training_is_deterministic(tmp_path):
-    """Two short runs with the same seed give bit-identical weights (full runs are by hand, not in CI)."""
+@pytest.mark.parametrize("expert_dropout", [0.0, 0.5])
+def test_training_is_deterministic(tmp_path, expert_dropout):
+    """Two short runs with the same seed give bit-identical weights (full runs are by hand, not in CI); the
+    expert-dropout recipe changes what is learned and is recorded with the checkpoint."""
     import dataclasses
 
+    from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
     from torchao_mobie.zoo.train import train_model
 
     tok = AutoTokenizer.from_pretrained(ZOO_DIR / "_tokenizer")
-    spec = dataclasses.replace(ZOO["micro-qwen3moe"], steps=3, batch_size=2, seqlen=32)
+    spec = dataclasses.replace(ZOO["micro-qwen3moe"], steps=3, batch_size=2, seqlen=32, expert_dropout=expert_dropout)
     ids = tokenize_corpus(load_text("wikitext2", "validation")[:20000], tok)
     train_model(spec, tok, tmp_path / "a", log=lambda *_: None, ids=ids)
     train_model(spec, tok, tmp_path / "b", log=lambda *_: None, ids=ids)
-    from safetensors.torch import load_file
-
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if expert_dropout:
+        train_model(dataclasses.replace(spec, expert_dropout=0.0), tok, tmp_path / "c", log=lambda *_: None, ids=ids)
+        c = load_file(tmp_path / "c" / "model.safetensors")
+        assert any(not torch.equal(a[k], c[k]) for k in a)
+        assert json.loads((tmp_path / "a" / "training.json").read_text())["expert_dropout"] == expert_dropout
 
 
 def test_in_domain_ptb_heldouts_are_zoo_models_trained_on_both_corpora():

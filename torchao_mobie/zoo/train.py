@@ -62,6 +62,15 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=spec.lr, betas=(0.9, 0.95))
+    hooks = []
+    if spec.expert_dropout > 0:  # perturbed expert outputs in training (removed before saving)
+        from ..integrations.transformers import is_experts_module
+
+        p_drop = spec.expert_dropout
+        hooks = [m.register_forward_hook(lambda mod, args, out: torch.nn.functional.dropout(out, p_drop, mod.training))
+                 for m in model.modules() if is_experts_module(m)]
+        if not hooks:
+            raise ValueError(f"{spec.name}: expert_dropout={p_drop} but the model has no experts module")
     g = torch.Generator().manual_seed(seed)
     curve = []
     t0 = time.time()
@@ -81,12 +90,15 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
         if step % 50 == 0 or step == spec.steps - 1:
             curve.append({"step": step, "lm_loss": round(lm_loss, 4), "seconds": round(time.time() - t0, 1)})
             log(f"[{spec.name}] step {step}/{spec.steps} lm_loss {lm_loss:.3f} ({time.time() - t0:.0f}s)")
+    for h in hooks:
+        h.remove()
     model.eval()
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
             "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr, "weight_decay": spec.weight_decay,
+            "expert_dropout": spec.expert_dropout,
             "train_corpora": list(spec.train_corpora), "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(info, indent=1))
