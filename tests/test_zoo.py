@@ -63,10 +63,10 @@ def test_heldout_specs_are_the_published_peer_kind():
     assert d.n_group > 1 and d.topk_group < d.n_group and d.kv_lora_rank and d.routed_scaling_factor != 1
 
 
-@pytest.mark.parametrize("expert_dropout", [0.0, 0.5])
-def test_training_is_deterministic(tmp_path, expert_dropout):
+@pytest.mark.parametrize("recipe", [{}, {"expert_dropout": 0.5}, {"expert_weight_noise": 0.5}])
+def test_training_is_deterministic(tmp_path, recipe):
     """Two short runs with the same seed give bit-identical weights (full runs are by hand, not in CI); the
-    expert-dropout recipe changes what is learned and is recorded with the checkpoint."""
+    noise recipes change what is learned, leave the usual parameter names and are recorded with the checkpoint."""
     import dataclasses
 
     from safetensors.torch import load_file
@@ -75,17 +75,19 @@ def test_training_is_deterministic(tmp_path, expert_dropout):
     from torchao_mobie.zoo.train import train_model
 
     tok = AutoTokenizer.from_pretrained(ZOO_DIR / "_tokenizer")
-    spec = dataclasses.replace(ZOO["micro-qwen3moe"], steps=3, batch_size=2, seqlen=32, expert_dropout=expert_dropout)
+    spec = dataclasses.replace(ZOO["micro-qwen3moe"], steps=3, batch_size=2, seqlen=32, **recipe)
     ids = tokenize_corpus(load_text("wikitext2", "validation")[:20000], tok)
     train_model(spec, tok, tmp_path / "a", log=lambda *_: None, ids=ids)
     train_model(spec, tok, tmp_path / "b", log=lambda *_: None, ids=ids)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    if expert_dropout:
-        train_model(dataclasses.replace(spec, expert_dropout=0.0), tok, tmp_path / "c", log=lambda *_: None, ids=ids)
+    if recipe:
+        plain = dataclasses.replace(spec, expert_dropout=0.0, expert_weight_noise=0.0)
+        train_model(plain, tok, tmp_path / "c", log=lambda *_: None, ids=ids)
         c = load_file(tmp_path / "c" / "model.safetensors")
-        assert any(not torch.equal(a[k], c[k]) for k in a)
-        assert json.loads((tmp_path / "a" / "training.json").read_text())["expert_dropout"] == expert_dropout
+        assert c.keys() == a.keys() and any(not torch.equal(a[k], c[k]) for k in a)  # same names: no leftovers
+        info = json.loads((tmp_path / "a" / "training.json").read_text())
+        assert all(info[k] == v for k, v in recipe.items())
 
 
 def test_in_domain_ptb_heldouts_are_zoo_models_trained_on_both_corpora():

@@ -26,6 +26,7 @@ class ZooSpec:
     lr: float = 3e-3
     weight_decay: float = 0.1  # AdamW, on matrices only
     expert_dropout: float = 0.0  # dropout on every experts module's output, in training only
+    expert_weight_noise: float = 0.0  # Gaussian noise on expert weights in training, x each row's mean |w|
     train_corpora: tuple = ("wikitext2",)  # train splits, concatenated
     seed: int = 0  # training seed (``zoo.train --seed`` overrides it)
 
@@ -124,6 +125,10 @@ HELDOUT: dict[str, ZooSpec] = {
         # learns to tolerate perturbed expert outputs (the zoo's lr and schedule otherwise)
         replace(_QWEN3_12M, name="heldout-qwen3moe-12m-do", expert_dropout=0.1, seed=8),
         replace(_MIXTRAL_9M, name="heldout-mixtral-9m-do", expert_dropout=0.1, seed=9),
+        # fourth try: noise on the expert weights themselves in training (std 0.3 x each row's mean |w|, about half
+        # the error of a sign binarization), so the weights settle where such errors cost little
+        replace(_QWEN3_12M, name="heldout-qwen3moe-12m-wn", expert_weight_noise=0.3, seed=10),
+        replace(_MIXTRAL_9M, name="heldout-mixtral-9m-wn", expert_weight_noise=0.3, seed=11),
         # zoo architectures trained on WikiText-2 + PTB: PTB is in their training domain, so their PTB
         # gap measures quantization fidelity (on the zoo, trained on WikiText-2 only, it does not:
         # benchmarks/ptb_control.py)

@@ -45,6 +45,37 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+class _WeightNoise(torch.nn.Module):
+    """``w + σ·mean|w|_row·ε`` in training (``ε ~ N(0, 1)``, fresh each forward), ``w`` otherwise."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, w):
+        if not self.training:
+            return w
+        return w + self.sigma * w.detach().abs().mean(-1, keepdim=True) * torch.randn_like(w)
+
+
+def _add_weight_noise(model, sigma: float) -> list:
+    """Parametrizes every 3-D expert weight with :class:`_WeightNoise`; returns the (module, name) pairs."""
+    from torch.nn.utils import parametrize
+
+    from ..integrations.transformers import is_experts_module
+
+    done = []
+    for mod in model.modules():
+        if is_experts_module(mod):
+            for name, p in list(mod.named_parameters(recurse=False)):
+                if p.dim() == 3:
+                    parametrize.register_parametrization(mod, name, _WeightNoise(sigma))
+                    done.append((mod, name))
+    if not done:
+        raise ValueError(f"expert_weight_noise={sigma} but the model has no 3-D expert weights")
+    return done
+
+
 def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: int = 0, log=print,
                 ids: torch.Tensor | None = None) -> dict:
     """Train one zoo model on its ``train_corpora`` (train splits, concatenated; or on the token stream
@@ -58,6 +89,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
         ids = torch.cat([tokenize_corpus(load_text(c, "train", data_dir), tokenizer) for c in spec.train_corpora])
     cfg = spec.build_config()
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
+    noisy = _add_weight_noise(model, spec.expert_weight_noise) if spec.expert_weight_noise > 0 else []
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -92,13 +124,17 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
             log(f"[{spec.name}] step {step}/{spec.steps} lm_loss {lm_loss:.3f} ({time.time() - t0:.0f}s)")
     for h in hooks:
         h.remove()
+    from torch.nn.utils import parametrize
+
+    for mod, name in noisy:  # back to plain parameters (the trained originals)
+        parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
     model.eval()
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
             "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr, "weight_decay": spec.weight_decay,
-            "expert_dropout": spec.expert_dropout,
+            "expert_dropout": spec.expert_dropout, "expert_weight_noise": spec.expert_weight_noise,
             "train_corpora": list(spec.train_corpora), "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(info, indent=1))
