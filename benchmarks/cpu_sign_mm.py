@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from torchao_mobie.kernels.packing import unpack_signs
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "torchao_mobie" / "kernels" / "csrc" / "sign_mm.cpp"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,11 +45,6 @@ def build(text: str, label: str):
     cpp_extension.load(name=ns, sources=[str(path)], is_python_module=False,
                        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     return getattr(torch.ops, ns)
-
-
-def unpack(words: torch.Tensor, n: int) -> torch.Tensor:
-    bits = (words.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :n].float() * 2 - 1
 
 
 def problem(seed: int = 0) -> dict:
@@ -96,8 +93,8 @@ def measure(op, prob: dict) -> dict:
         res[k]["total"] = round(sum(res[k].values()), 4)
     w, w2, n, m = prob["gate_up"]  # correctness on unpacked signs
     x, v = torch.randn(8, n, generator=g), torch.randn(8, w2.shape[1], generator=g)
-    ref = torch.einsum("sk,smk->sm", x, unpack(w[sets[0]], n))
-    ref2 = torch.einsum("st,stm->sm", v, unpack(w2[sets[0]], m))
+    ref = torch.einsum("sk,smk->sm", x, unpack_signs(w[sets[0]], n))
+    ref2 = torch.einsum("st,stm->sm", v, unpack_signs(w2[sets[0]], m))
     res["max_abs_err"] = max((op.sign_mm(x, w, sets[0]) - ref).abs().max().item(),
                              (op.sign_mm_t(v, w2, sets[0], m) - ref2).abs().max().item())
     return res

@@ -58,22 +58,38 @@ class _WeightNoise(torch.nn.Module):
         return w + self.sigma * w.detach().abs().mean(-1, keepdim=True) * torch.randn_like(w)
 
 
-def _add_weight_noise(model, sigma: float) -> list:
-    """Parametrizes every 3-D expert weight with :class:`_WeightNoise`; returns the (module, name) pairs."""
+def _training_noise(model, spec: ZooSpec):
+    """The spec's noise recipes on every experts module (dropout on its output, :class:`_WeightNoise` on its 3-D
+    weights), for training only; returns the function that takes them off again (plain parameters, the trained
+    originals). Registered before the optimizer is built, so it updates the originals."""
     from torch.nn.utils import parametrize
 
     from ..integrations.transformers import is_experts_module
 
-    done = []
-    for mod in model.modules():
-        if is_experts_module(mod):
-            for name, p in list(mod.named_parameters(recurse=False)):
-                if p.dim() == 3:
-                    parametrize.register_parametrization(mod, name, _WeightNoise(sigma))
-                    done.append((mod, name))
-    if not done:
-        raise ValueError(f"expert_weight_noise={sigma} but the model has no 3-D expert weights")
-    return done
+    experts = [m for m in model.modules() if is_experts_module(m)]
+    if (spec.expert_dropout > 0 or spec.expert_weight_noise > 0) and not experts:
+        raise ValueError(f"{spec.name}: expert_dropout / expert_weight_noise set but the model has no experts module")
+    hooks, noisy = [], []
+    p_drop = spec.expert_dropout
+    for mod in experts:
+        if p_drop > 0:
+            hooks.append(mod.register_forward_hook(
+                lambda m, args, out: torch.nn.functional.dropout(out, p_drop, m.training)))
+        if spec.expert_weight_noise > 0:
+            for name, w in list(mod.named_parameters(recurse=False)):
+                if w.dim() == 3:
+                    parametrize.register_parametrization(mod, name, _WeightNoise(spec.expert_weight_noise))
+                    noisy.append((mod, name))
+    if spec.expert_weight_noise > 0 and not noisy:
+        raise ValueError(f"{spec.name}: expert_weight_noise set but the experts have no 3-D weights")
+
+    def undo():
+        for h in hooks:
+            h.remove()
+        for mod, name in noisy:
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
+
+    return undo
 
 
 def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: int = 0, log=print,
@@ -89,20 +105,11 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
         ids = torch.cat([tokenize_corpus(load_text(c, "train", data_dir), tokenizer) for c in spec.train_corpora])
     cfg = spec.build_config()
     model = AutoModelForCausalLM.from_config(cfg, experts_implementation="grouped_mm")
-    noisy = _add_weight_noise(model, spec.expert_weight_noise) if spec.expert_weight_noise > 0 else []
+    undo_noise = _training_noise(model, spec)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=spec.lr, betas=(0.9, 0.95))
-    hooks = []
-    if spec.expert_dropout > 0:  # perturbed expert outputs in training (removed before saving)
-        from ..integrations.transformers import is_experts_module
-
-        p_drop = spec.expert_dropout
-        hooks = [m.register_forward_hook(lambda mod, args, out: torch.nn.functional.dropout(out, p_drop, mod.training))
-                 for m in model.modules() if is_experts_module(m)]
-        if not hooks:
-            raise ValueError(f"{spec.name}: expert_dropout={p_drop} but the model has no experts module")
     g = torch.Generator().manual_seed(seed)
     curve = []
     t0 = time.time()
@@ -122,12 +129,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
         if step % 50 == 0 or step == spec.steps - 1:
             curve.append({"step": step, "lm_loss": round(lm_loss, 4), "seconds": round(time.time() - t0, 1)})
             log(f"[{spec.name}] step {step}/{spec.steps} lm_loss {lm_loss:.3f} ({time.time() - t0:.0f}s)")
-    for h in hooks:
-        h.remove()
-    from torch.nn.utils import parametrize
-
-    for mod, name in noisy:  # back to plain parameters (the trained originals)
-        parametrize.remove_parametrizations(mod, name, leave_parametrized=False)
+    undo_noise()
     model.eval()
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(out_dir)
