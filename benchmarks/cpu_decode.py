@@ -6,7 +6,9 @@
 Per model, two copies with the same non-expert weights (bf16): the bf16 checkpoint with transformers'
 ``grouped_mm`` experts and the packed MoBiE model (``MoBiETensor`` experts, the ``"mobie"`` experts
 implementation, whose CPU path is :mod:`torchao_mobie.kernels.cpu` inside the compiled graph). Both are
-``torch.compile``d (inductor, default settings). For batch 1 and 8: prefill of ``--prompt-len`` random tokens
+``torch.compile``d (inductor, default settings), with the same attention: ``--attention mobie_sdpa`` (default;
+:mod:`torchao_mobie.integrations.attention`, grouped-query decode steps on the key/value heads) or transformers'
+``sdpa``. For batch 1 and 8: prefill of ``--prompt-len`` random tokens
 per sequence, then ``--new-tokens`` greedy decode steps on the KV cache; the variants alternate round by round
 (``--rounds`` timed rounds after 2 warm-up rounds that compile), so both see the same load from other jobs.
 Reported: medians over rounds (prefill time; the median decode step of each round), their minimum, tokens/s
@@ -276,6 +278,13 @@ def run_model(name: str, bf16, packed, info: dict, args) -> dict:
                           "packed": round(memory_report(packed).experts_bytes / 1e6, 2)},
            "decode_bytes_per_token": {"bf16": decode_bytes_per_token(bf16),
                                       "packed": decode_bytes_per_token(packed)}}
+    if args.attention == "mobie_sdpa":  # the same attention for both models (integrations.attention)
+        from torchao_mobie.integrations.attention import use_decode_attention
+
+        row["attention"] = {k: f"{use_decode_attention(m)} -> {m.config._attn_implementation}"
+                            for k, m in (("bf16", bf16), ("packed", packed))}
+    else:
+        row["attention"] = {k: m.config._attn_implementation for k, m in (("bf16", bf16), ("packed", packed))}
     compiled = {"bf16": torch.compile(bf16), "packed": torch.compile(packed)}
     row["compiled_vs_eager_max_rel_logit_diff"] = {k: compile_diff(m, compiled[k], bf16.config.vocab_size)
                                                    for k, m in (("bf16", bf16), ("packed", packed))}
@@ -316,7 +325,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def write_markdown(path: Path, res: dict) -> None:
     lines = [f"Command: `{res['command']}`", "",
-             f"{res['threads']} threads; memcpy {res['memcpy_before']['median_GBps']} / "
+             f"{res['threads']} threads; attention {res.get('attention', 'sdpa')} (both models); "
+             f"memcpy {res['memcpy_before']['median_GBps']} / "
              f"{res['memcpy_after']['median_GBps']} GB/s (median, before / after); load average at start "
              f"{[round(x, 2) for x in res['load_start']['loadavg']]} on {res['load_start']['cpus']} CPUs "
              f"(other jobs were running: timings are medians of alternating rounds).", ""]
@@ -382,6 +392,9 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (after 2 warm-up rounds)")
     ap.add_argument("--calib-samples", type=int, default=16)
+    ap.add_argument("--attention", choices=["mobie_sdpa", "sdpa"], default="mobie_sdpa",
+                    help="attention of both models: transformers' sdpa, or mobie_sdpa (the same, with grouped-query "
+                         "decode steps on the key/value heads; torchao_mobie.integrations.attention)")
     ap.add_argument("--name", default="cpu_decode")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -392,7 +405,7 @@ def main(argv=None):
 
     res = {"command": "python benchmarks/cpu_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "threads": args.threads, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-           "batch_sizes": args.batch_sizes, "rounds": args.rounds, "torch": torch.__version__,
+           "batch_sizes": args.batch_sizes, "rounds": args.rounds, "attention": args.attention, "torch": torch.__version__,
            "load_start": load_info(), "memcpy_before": memcpy_gbps(), "models": []}
     t0 = time.perf_counter()
     names = args.models if args.models is not None else available()

@@ -164,6 +164,7 @@ def test_bench_memory_components_speed_and_plot(mobie_checkpoint, tmp_path, caps
     speed = data["speed"]
     assert speed["prefill_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0
     assert speed["experts_implementation"] == "mobie" and speed["device"] == "cpu"
+    assert "attention: sdpa -> mobie_sdpa" in out and speed["attn_implementation"] == "mobie_sdpa"  # CPU default
     assert png.read_bytes()[:8] == PNG
 
 

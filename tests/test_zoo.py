@@ -63,7 +63,7 @@ def test_heldout_specs_are_the_published_peer_kind():
     assert d.n_group > 1 and d.topk_group < d.n_group and d.kv_lora_rank and d.routed_scaling_factor != 1
 
 
-@pytest.mark.parametrize("recipe", [{}, {"expert_dropout": 0.5}, {"expert_weight_noise": 0.5}])
+@pytest.mark.parametrize("recipe", [{}, {"expert_dropout": 0.5}, {"expert_weight_noise": 0.5}, {"expert_sign_pull": 0.5}])
 def test_training_is_deterministic(tmp_path, recipe):
     """Two short runs with the same seed give bit-identical weights (full runs are by hand, not in CI); the
     noise recipes change what is learned, leave the usual parameter names and are recorded with the checkpoint."""
@@ -82,7 +82,7 @@ def test_training_is_deterministic(tmp_path, recipe):
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if recipe:
-        plain = dataclasses.replace(spec, expert_dropout=0.0, expert_weight_noise=0.0)
+        plain = dataclasses.replace(spec, expert_dropout=0.0, expert_weight_noise=0.0, expert_sign_pull=0.0)
         train_model(plain, tok, tmp_path / "c", log=lambda *_: None, ids=ids)
         c = load_file(tmp_path / "c" / "model.safetensors")
         assert c.keys() == a.keys() and any(not torch.equal(a[k], c[k]) for k in a)  # same names: no leftovers
@@ -99,3 +99,23 @@ def test_in_domain_ptb_heldouts_are_zoo_models_trained_on_both_corpora():
         spec, base = HELDOUT[name], ZOO[zoo_name]
         assert spec.config == base.config and spec.steps == base.steps and spec.model_type == base.model_type
         assert spec.train_corpora == ("wikitext2", "ptb") and base.train_corpora == ("wikitext2",)
+
+
+def test_sign_pull_moves_weights_part_way_to_their_binarization():
+    from torchao_mobie.zoo.train import _SignPull
+
+    torch.manual_seed(0)
+    w = torch.randn(2, 5, 7, requires_grad=True)
+    pull = _SignPull(0.5)
+    target = w.detach().abs().mean(-1, keepdim=True) * w.detach().sign()
+    lams = []
+    for _ in range(20):
+        out = pull(w)
+        d = (target - w.detach())
+        lam = ((out - w).detach() * d).sum() / (d * d).sum()
+        torch.testing.assert_close(out.detach(), w.detach() + lam * d)  # on the segment towards the binarization
+        lams.append(lam.item())
+    assert 0 <= min(lams) and max(lams) <= 0.5 and max(lams) - min(lams) > 0.1  # fresh λ ~ U(0, 0.5) each forward
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # the pull itself is not differentiated
+    assert pull.eval()(w) is w

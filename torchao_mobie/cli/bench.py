@@ -33,6 +33,10 @@ def add_parser(sub, common) -> None:
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model before timing (default: on for the CPU, where packed experts then "
                         "run the fused CPU kernels; the first, warm-up run compiles)")
+    b.add_argument("--gqa-decode-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="run grouped-query decode steps of sdpa attention on the key/value heads (the mobie_sdpa "
+                        "attention; default: on for the CPU, where PyTorch's bf16 flash kernel is slow at one query "
+                        "token per head)")
     b.add_argument("--json", default=None, help="write memory and speed figures to this JSON file")
     b.add_argument("--plot", default=None, help="write a PNG bar plot of memory per component vs bf16")
     b.set_defaults(fn=cmd_bench)
@@ -55,6 +59,13 @@ def cmd_bench(args):
         raise CLIError(f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the model's context "
                        f"(config.max_position_embeddings={max_pos})")
     mem = memory_report(model)
+    if args.gqa_decode_attention if args.gqa_decode_attention is not None else device.type == "cpu":
+        from ..integrations.attention import use_decode_attention
+
+        prev = use_decode_attention(model)
+        if prev is not None:
+            print(f"attention: {prev} -> {model.config._attn_implementation} (grouped-query decode steps on the "
+                  "key/value heads)")
     model, compiled, note = compiled_for_bench(model, device, args.compile)
     print(note)
     print(f"measuring {args.iters} x (prefill {args.batch_size}x{args.prompt_len} + decode {args.new_tokens} tokens) "

@@ -102,4 +102,5 @@ def throughput(model, *, prompt_len: int = 128, new_tokens: int = 32, batch_size
             "prefill_s": p, "decode_s": d, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "batch_size": batch_size, "iters": iters, "warmup": warmup, "device": str(device),
             "threads": torch.get_num_threads(), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "experts_implementation": getattr(getattr(model, "config", None), "_experts_implementation", None)}
+            "experts_implementation": getattr(getattr(model, "config", None), "_experts_implementation", None),
+            "attn_implementation": getattr(getattr(model, "config", None), "_attn_implementation", None)}

@@ -58,30 +58,50 @@ class _WeightNoise(torch.nn.Module):
         return w + self.sigma * w.detach().abs().mean(-1, keepdim=True) * torch.randn_like(w)
 
 
+class _SignPull(torch.nn.Module):
+    """``w + λ·(mean|w|_row·sign(w) - w)`` in training, with ``λ ~ U(0, pull)`` drawn each forward and the pull
+    itself not differentiated (the gradient reaches ``w`` unchanged), ``w`` otherwise: the model learns weights
+    whose partly binarized versions work, i.e. that are less fragile under binarization."""
+
+    def __init__(self, pull: float):
+        super().__init__()
+        self.pull = pull
+
+    def forward(self, w):
+        if not self.training:
+            return w
+        lam = self.pull * torch.rand(())
+        wd = w.detach()
+        return w + lam * (wd.abs().mean(-1, keepdim=True) * torch.sign(wd) - wd)
+
+
 def _training_noise(model, spec: ZooSpec):
-    """The spec's noise recipes on every experts module (dropout on its output, :class:`_WeightNoise` on its 3-D
-    weights), for training only; returns the function that takes them off again (plain parameters, the trained
-    originals). Registered before the optimizer is built, so it updates the originals."""
+    """The spec's noise recipes on every experts module (dropout on its output, :class:`_WeightNoise` and
+    :class:`_SignPull` on its 3-D weights), for training only; returns the function that takes them off again
+    (plain parameters, the trained originals). Registered before the optimizer is built, so it updates the originals."""
     from torch.nn.utils import parametrize
 
     from ..integrations.transformers import is_experts_module
 
     experts = [m for m in model.modules() if is_experts_module(m)]
-    if (spec.expert_dropout > 0 or spec.expert_weight_noise > 0) and not experts:
-        raise ValueError(f"{spec.name}: expert_dropout / expert_weight_noise set but the model has no experts module")
+    on_weights = [(f, v) for f, v in ((_WeightNoise, spec.expert_weight_noise), (_SignPull, spec.expert_sign_pull)) if v > 0]
+    if (spec.expert_dropout > 0 or on_weights) and not experts:
+        raise ValueError(f"{spec.name}: expert_dropout / expert_weight_noise / expert_sign_pull set but the model has "
+                         "no experts module")
     hooks, noisy = [], []
     p_drop = spec.expert_dropout
     for mod in experts:
         if p_drop > 0:
             hooks.append(mod.register_forward_hook(
                 lambda m, args, out: torch.nn.functional.dropout(out, p_drop, m.training)))
-        if spec.expert_weight_noise > 0:
+        if on_weights:
             for name, w in list(mod.named_parameters(recurse=False)):
                 if w.dim() == 3:
-                    parametrize.register_parametrization(mod, name, _WeightNoise(spec.expert_weight_noise))
+                    for f, v in on_weights:
+                        parametrize.register_parametrization(mod, name, f(v))
                     noisy.append((mod, name))
-    if spec.expert_weight_noise > 0 and not noisy:
-        raise ValueError(f"{spec.name}: expert_weight_noise set but the experts have no 3-D weights")
+    if on_weights and not noisy:
+        raise ValueError(f"{spec.name}: expert_weight_noise / expert_sign_pull set but the experts have no 3-D weights")
 
     def undo():
         for h in hooks:
@@ -137,6 +157,7 @@ def train_model(spec: ZooSpec, tokenizer, out_dir: Path, data_dir=None, seed: in
     info = {"name": spec.name, "model_type": spec.model_type, "style": spec.style, "seed": seed,
             "steps": spec.steps, "batch_size": spec.batch_size, "seqlen": spec.seqlen, "lr": spec.lr, "weight_decay": spec.weight_decay,
             "expert_dropout": spec.expert_dropout, "expert_weight_noise": spec.expert_weight_noise,
+            "expert_sign_pull": spec.expert_sign_pull,
             "train_corpora": list(spec.train_corpora), "params": sum(p.numel() for p in model.parameters()), "train_seconds": round(time.time() - t0, 1),
             "torch_threads": torch.get_num_threads(), "curve": curve}
     (out_dir / "training.json").write_text(json.dumps(info, indent=1))
