@@ -304,6 +304,34 @@ def test_nges_metric_reduces_router_component():
     assert comp(guided.weight) < comp(plain.weight)
 
 
+def test_nges_projector_keeps_the_common_logit_shift_for_sigmoid_routers():
+    """Softmax top-k ignores a shift common to all logits, so the projector drops it; a sigmoid router with a
+    score-correction bias (DeepSeek-V3) does not, so its projector keeps it (and the rest of the row space)."""
+    from torchao_mobie.pipeline.sequential import _downstream_routers
+    from torchao_mobie.integrations.transformers import discover_moe_layout
+
+    router = torch.randn(6, 32, generator=torch.Generator().manual_seed(0))
+    common = torch.linalg.pinv(router) @ torch.ones(6)  # an error that moves every logit by the same amount
+    torch.testing.assert_close(router @ common, torch.ones(6), rtol=1e-4, atol=1e-4)
+    Pc, Pu = routing_projector(router), routing_projector(router, centered=False)
+    assert float((Pc @ common).norm()) < 1e-4 * float(common.norm())
+    torch.testing.assert_close(Pu @ common, common, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(Pu @ Pc, Pc, rtol=1e-4, atol=1e-5)  # the centered space is inside
+    assert abs(float(Pu.trace()) - 6) < 1e-3 and abs(float(Pc.trace()) - 5) < 1e-3
+    G = router_metric([(router, False), (router, True)], mu=1.0, decay=1.0)
+    torch.testing.assert_close(G, torch.eye(32) + (Pu + Pc) / 2)
+    from transformers import AutoModelForCausalLM
+    from torchao_mobie.zoo import HELDOUT
+
+    flags = {}
+    for name in ("heldout-deepseekv3-9m", "heldout-qwen3moe-12m"):
+        cfg = HELDOUT[name].build_config()
+        cfg.num_hidden_layers = 3
+        layout = discover_moe_layout(AutoModelForCausalLM.from_config(cfg))
+        flags[name] = [c for _, c in _downstream_routers(layout, -1)]
+    assert flags == {"heldout-deepseekv3-9m": [False, False], "heldout-qwen3moe-12m": [True, True, True]}
+
+
 def test_glas_weights_match_autograd():
     from torchao_mobie.pipeline.batches import CalibrationBatch as _Batch
     from torchao_mobie.calibration.gradients import compute_glas_weights

@@ -19,10 +19,13 @@ import torch
 __all__ = ["routing_projector", "router_metric", "router_component"]
 
 
-def routing_projector(router_weight: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """Orthogonal projector ``[H, H]`` onto the row space of the centered router ``(I − 11ᵀ/E)·W_r``."""
+def routing_projector(router_weight: torch.Tensor, rtol: float = 1e-6, centered: bool = True) -> torch.Tensor:
+    """Orthogonal projector ``[H, H]`` onto the row space of the centered router ``(I − 11ᵀ/E)·W_r``, or of
+    ``W_r`` itself when ``centered`` is False: a sigmoid router (DeepSeek-V3) scores each expert on its own
+    and adds a per-expert bias before its top-k, so a shift common to all logits can change the choice."""
     R = router_weight.double()
-    R = R - R.mean(0, keepdim=True)
+    if centered:
+        R = R - R.mean(0, keepdim=True)
     _, S, Vh = torch.linalg.svd(R, full_matrices=False)
     keep = S > rtol * S.max().clamp_min(1e-30)
     V = Vh[keep]
@@ -30,19 +33,20 @@ def routing_projector(router_weight: torch.Tensor, rtol: float = 1e-6) -> torch.
 
 
 def router_metric(routers, mu: float = 1.0, decay: float = 0.5) -> torch.Tensor | None:
-    """``G = I + μ·Σ_d decay^d P_d / Σ_d decay^d`` over ``routers`` = [(W_r·diag(γ) [E, H], _), ...]
-    (nearest first). None when there is no later router."""
-    mats = [r[0] if isinstance(r, (tuple, list)) else r for r in routers]
+    """``G = I + μ·Σ_d decay^d P_d / Σ_d decay^d`` over ``routers`` = [(W_r·diag(γ) [E, H], centered), ...]
+    (nearest first; ``centered``: softmax routing, where only logit differences matter, see
+    :func:`routing_projector`; None counts as True). None when there is no later router."""
+    mats = [r if isinstance(r, (tuple, list)) else (r, True) for r in routers]
     if not mats:
         return None
-    H = mats[0].shape[1]
+    H = mats[0][0].shape[1]
     P = torch.zeros(H, H)
     tot = 0.0
-    for d, R in enumerate(mats):
+    for d, (R, centered) in enumerate(mats):
         w = decay ** d
         if w <= 0:
             break
-        P += w * routing_projector(R)
+        P += w * routing_projector(R, centered=centered is not False)
         tot += w
     return torch.eye(H) + mu * P / tot
 

@@ -68,7 +68,7 @@ class QuantContext:
     router_stats: router-input moments of the layer, when known (for expert-shift-aware methods).
     guided_hessian: ``[E, in, in]`` gradient-weighted Hessians ``Σ w·x xᵀ`` (sums over routed pairs,
         GLAS), when the config asked for gradients (``needs_gradients``).
-    downstream_routers: ``[(W_router·diag(γ) [E', H], mean router input [H] or None), ...]`` of the
+    downstream_routers: ``[(W_router·diag(γ) [E', H], centered), ...]`` (``centered``: softmax routing) of the
         routers of the following MoE layers, nearest first (for NGES on down_proj).
     calibration_split: ``(mean Hessians [E, in, in], counts [E])`` of the calibration sequences that were
         not held back, when the config asked for held-back sequences (``needs_heldback``).

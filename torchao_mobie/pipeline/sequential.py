@@ -168,8 +168,9 @@ def _stages(layer: DecoderLayerInfo, scope: set, true_sequential: bool) -> list[
 
 
 def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
-    """``(W_router·diag(γ) [E, H], None)`` of the MoE layers after ``index`` (γ: the RMSNorm the router
-    input goes through), nearest first; for expert-shift-aware methods (NGES)."""
+    """``(W_router·diag(γ) [E, H], centered)`` of the MoE layers after ``index`` (γ: the RMSNorm the router
+    input goes through; ``centered`` False for sigmoid routers with a score-correction bias, DeepSeek-V3),
+    nearest first; for expert-shift-aware methods (NGES)."""
     out = []
     for layer in layout.layers[index + 1:]:
         if layer.moe is None or getattr(layer.moe.router, "weight", None) is None:
@@ -179,7 +180,7 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
         gamma = getattr(norm, "weight", None)
         if isinstance(gamma, torch.Tensor) and gamma.shape == (wr.shape[1],):
             wr = wr * gamma.detach().float()[None, :]
-        out.append((wr.cpu(), None))
+        out.append((wr.cpu(), getattr(layer.moe.router, "e_score_correction_bias", None) is None))
     return out
 
 
