@@ -91,6 +91,36 @@ def test_compare_identical_models(micro):
     assert r.expert_shift.mean_topk_kept == 1.0 and len(r.expert_shift.topk_kept) == model.config.num_hidden_layers
 
 
+def test_expert_shift_uses_the_experts_each_router_chose():
+    """Group-limited sigmoid routing (DeepSeek-V3) does not pick the top-k logits; agreement must count the
+    experts it did pick. A softmax top-k router (Qwen3-MoE) picks exactly the top-k logits."""
+    from transformers import AutoModelForCausalLM
+
+    from torchao_mobie.eval.metrics import _Assignments, _router_topk
+    from torchao_mobie.zoo import HELDOUT
+
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    for name, differs in (("heldout-deepseekv3-9m", True), ("heldout-qwen3moe-12m", False)):
+        cfg = HELDOUT[name].build_config()
+        cfg.num_hidden_layers, cfg.vocab_size = 3, 512
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        for m in model.modules():  # random routers (from_config zeros the DeepSeek router)
+            if hasattr(m, "e_score_correction_bias"):
+                torch.nn.init.normal_(m.weight)
+        with torch.no_grad(), _Assignments(model) as rec:
+            out = model(input_ids=ids, output_router_logits=True)
+            chosen = rec.take(out.router_logits, cfg.num_experts_per_tok)
+        top = _router_topk(out.router_logits, cfg.num_experts_per_tok)
+        assert len(chosen) == len(top) == len(rec.routers)
+        same = all(torch.equal(a.sort(-1).values, b.sort(-1).values) for a, b in zip(chosen, top))
+        assert same != differs, name
+        ours = [h for r in rec.routers for h in r._forward_hooks.values() if "_Assignments" in h.__qualname__]
+        assert not ours  # removed on exit (transformers' own capturing hook stays)
+        r = compare_models(model, model, ids[:, :16], batch_size=2)
+        assert r.expert_shift.mean_topk_kept == 1.0
+
+
 def test_methods_benchmark_merges_parallel_runs_and_refuses_duplicate_rows(tmp_path, monkeypatch):
     import json
     import sys

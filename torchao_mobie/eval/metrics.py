@@ -100,6 +100,48 @@ def _router_topk(router_logits, top_k: int) -> list[torch.Tensor]:
     return [r.topk(top_k, dim=-1).indices for r in router_logits]
 
 
+class _Assignments:
+    """The experts each router actually chose, captured from its output ``(logits, weights, indices)`` (every
+    transformers MoE router returns them): top-k of the logits is not the assignment where a router adds a
+    score-correction bias or limits top-k to groups of experts (DeepSeek-V2/V3). Empty when the model's
+    routers return something else (then top-k of the logits is used)."""
+
+    def __init__(self, model):
+        from ..integrations.transformers import discover_moe_layout
+
+        try:
+            routers = [layer.moe.router for layer in discover_moe_layout(model).layers if layer.moe is not None]
+        except Exception:  # not a layout we know: logits only
+            routers = []
+        self.routers = [r for r in routers if isinstance(r, torch.nn.Module)]
+        self.seen: list[torch.Tensor | None] = []
+        self._hooks = []
+
+    def _hook(self, i):
+        def hook(module, args, out):
+            idx = out[2] if isinstance(out, tuple) and len(out) >= 3 else None
+            ok = isinstance(idx, torch.Tensor) and idx.dim() == 2 and not idx.is_floating_point()
+            self.seen[i] = idx.detach() if ok else None
+        return hook
+
+    def __enter__(self):
+        self.seen = [None] * len(self.routers)
+        self._hooks = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+    def take(self, router_logits, top_k: int) -> list[torch.Tensor]:
+        """This forward's assignments per MoE layer (the captured indices, or top-k of ``router_logits``)."""
+        got, self.seen = self.seen, [None] * len(self.routers)
+        if len(got) == len(router_logits) and all(g is not None and g.shape == (r.shape[0], top_k)
+                                                  for g, r in zip(got, router_logits)):
+            return got
+        return _router_topk(router_logits, top_k)
+
+
 def _moe_top_k(model) -> int:
     cfg = model.config
     for name in ("num_experts_per_tok", "moe_topk", "top_k"):
@@ -113,8 +155,9 @@ def compare_models(fp_model, q_model, windows: torch.Tensor, batch_size: int = 8
                    progress: bool = False) -> ComparisonResult:
     """Perplexity of both models, KL of next-token distributions and expert shift, on the same windows.
 
-    Routing is read from each model's router logits (``output_router_logits=True``), so it covers
-    every MoE layer the model reports, whatever the family.
+    Routing: the experts each router chose (its returned indices, :class:`_Assignments`), else top-k of the
+    router logits the model reports (``output_router_logits=True``), for every MoE layer, whatever the family.
+    Top-1 changes compare the routers' highest logits.
     """
     from tqdm.auto import tqdm
 
@@ -124,25 +167,28 @@ def compare_models(fp_model, q_model, windows: torch.Tensor, batch_size: int = 8
     kept: list[float] = []
     changed: list[float] = []
     n_route = 0
-    for ids in tqdm(list(_batches(windows, batch_size)), desc="compare", disable=not progress):
-        out_fp = fp_model(input_ids=ids.to(_device(fp_model)), output_router_logits=True)
-        out_q = q_model(input_ids=ids.to(_device(q_model)), output_router_logits=True)
-        lp_fp = F.log_softmax(out_fp.logits[:, :-1].float(), -1)
-        lp_q = F.log_softmax(out_q.logits[:, :-1].float().to(lp_fp.device), -1)
-        tgt = ids[:, 1:].to(lp_fp.device).unsqueeze(-1)
-        nll_fp -= lp_fp.gather(-1, tgt).double().sum().item()
-        nll_q -= lp_q.gather(-1, tgt).double().sum().item()
-        kl += (lp_fp.exp() * (lp_fp - lp_q)).sum(-1).double().sum().item()
-        n_tok += tgt.numel()
-        if not out_fp.router_logits:
-            raise ValueError(f"{type(fp_model).__name__} returned no router logits; is it an MoE model?")
-        if not kept:
-            kept = [0.0] * len(out_fp.router_logits)
-            changed = [0.0] * len(out_fp.router_logits)
-        for i, (a, b) in enumerate(zip(_router_topk(out_fp.router_logits, k), _router_topk(out_q.router_logits, k))):
-            b = b.to(a.device)
-            kept[i] += (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).double().sum().item() / k
-            changed[i] += (a[:, 0] != b[:, 0]).double().sum().item()
-        n_route += out_fp.router_logits[0].shape[0]
+    with _Assignments(fp_model) as rec_fp, _Assignments(q_model) as rec_q:
+        for ids in tqdm(list(_batches(windows, batch_size)), desc="compare", disable=not progress):
+            out_fp = fp_model(input_ids=ids.to(_device(fp_model)), output_router_logits=True)
+            out_q = q_model(input_ids=ids.to(_device(q_model)), output_router_logits=True)
+            lp_fp = F.log_softmax(out_fp.logits[:, :-1].float(), -1)
+            lp_q = F.log_softmax(out_q.logits[:, :-1].float().to(lp_fp.device), -1)
+            tgt = ids[:, 1:].to(lp_fp.device).unsqueeze(-1)
+            nll_fp -= lp_fp.gather(-1, tgt).double().sum().item()
+            nll_q -= lp_q.gather(-1, tgt).double().sum().item()
+            kl += (lp_fp.exp() * (lp_fp - lp_q)).sum(-1).double().sum().item()
+            n_tok += tgt.numel()
+            if not out_fp.router_logits:
+                raise ValueError(f"{type(fp_model).__name__} returned no router logits; is it an MoE model?")
+            if not kept:
+                kept = [0.0] * len(out_fp.router_logits)
+                changed = [0.0] * len(out_fp.router_logits)
+            chosen = zip(rec_fp.take(out_fp.router_logits, k), rec_q.take(out_q.router_logits, k))
+            for i, (a, b) in enumerate(chosen):
+                b = b.to(a.device)
+                kept[i] += (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).double().sum().item() / k
+            for i, (a, b) in enumerate(zip(out_fp.router_logits, out_q.router_logits)):
+                changed[i] += (a.argmax(-1) != b.to(a.device).argmax(-1)).double().sum().item()
+            n_route += out_fp.router_logits[0].shape[0]
     shift = ExpertShift([v / n_route for v in kept], [v / n_route for v in changed])
     return ComparisonResult(math.exp(nll_fp / n_tok), math.exp(nll_q / n_tok), kl / n_tok, shift, n_tok)
