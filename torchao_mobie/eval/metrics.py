@@ -107,11 +107,11 @@ class _Assignments:
     routers return something else (then top-k of the logits is used)."""
 
     def __init__(self, model):
-        from ..integrations.transformers import discover_moe_layout
+        from ..integrations.transformers import NoMoELayersError, UnsupportedMoELayoutError, discover_moe_layout
 
         try:
             routers = [layer.moe.router for layer in discover_moe_layout(model).layers if layer.moe is not None]
-        except Exception:  # not a layout we know: logits only
+        except (NoMoELayersError, UnsupportedMoELayoutError):  # not a layout we know: logits only
             routers = []
         self.routers = [r for r in routers if isinstance(r, torch.nn.Module)]
         self.seen: list[torch.Tensor | None] = []

@@ -45,34 +45,37 @@ def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-class _WeightNoise(torch.nn.Module):
-    """``w + σ·mean|w|_row·ε`` in training (``ε ~ N(0, 1)``, fresh each forward), ``w`` otherwise."""
+class _ExpertWeightPerturbation(torch.nn.Module):
+    """A training-only parametrization of expert weights: ``w + delta(w.detach())`` in training, ``w`` otherwise
+    (the perturbation is not differentiated: the gradient reaches ``w`` unchanged)."""
 
-    def __init__(self, sigma: float):
+    def __init__(self, amount: float):
         super().__init__()
-        self.sigma = sigma
+        self.amount = amount
+
+    def delta(self, wd: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, w):
         if not self.training:
             return w
-        return w + self.sigma * w.detach().abs().mean(-1, keepdim=True) * torch.randn_like(w)
+        return w + self.delta(w.detach())
 
 
-class _SignPull(torch.nn.Module):
-    """``w + λ·(mean|w|_row·sign(w) - w)`` in training, with ``λ ~ U(0, pull)`` drawn each forward and the pull
-    itself not differentiated (the gradient reaches ``w`` unchanged), ``w`` otherwise: the model learns weights
+class _WeightNoise(_ExpertWeightPerturbation):
+    """``w + σ·mean|w|_row·ε`` (``ε ~ N(0, 1)``, fresh each forward; ``σ = amount``)."""
+
+    def delta(self, wd):
+        return self.amount * wd.abs().mean(-1, keepdim=True) * torch.randn_like(wd)
+
+
+class _SignPull(_ExpertWeightPerturbation):
+    """``w + λ·(mean|w|_row·sign(w) - w)`` with ``λ ~ U(0, amount)`` drawn each forward: the model learns weights
     whose partly binarized versions work, i.e. that are less fragile under binarization."""
 
-    def __init__(self, pull: float):
-        super().__init__()
-        self.pull = pull
-
-    def forward(self, w):
-        if not self.training:
-            return w
-        lam = self.pull * torch.rand(())
-        wd = w.detach()
-        return w + lam * (wd.abs().mean(-1, keepdim=True) * torch.sign(wd) - wd)
+    def delta(self, wd):
+        lam = self.amount * torch.rand(())
+        return lam * (wd.abs().mean(-1, keepdim=True) * torch.sign(wd) - wd)
 
 
 def _training_noise(model, spec: ZooSpec):
