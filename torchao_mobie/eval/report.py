@@ -18,7 +18,8 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
     """Quantize zoo model ``model_name`` with each ``{label: config}``; one row per label.
 
     Row fields: bits in both conventions, and per evaluation corpus ``<corpus>_ppl_fp``,
-    ``<corpus>_ppl_q``, ``<corpus>_gap`` (ln PPL_q - ln PPL_fp), ``<corpus>_topk_kept``, ``<corpus>_kl``;
+    ``<corpus>_ppl_q``, ``<corpus>_gap`` (ln PPL_q - ln PPL_fp), ``<corpus>_topk_kept`` (and per MoE layer: ``_by_layer``),
+    ``<corpus>_kl``;
     quantization wall time.
 
     MoBiE is measured on its fake-quant weights (``packed=False``): bit for bit the packed tensors'
@@ -55,6 +56,7 @@ def compare_methods(model_name: str, configs: dict, *, nsamples: int = 32, seqle
             r = compare_models(fp, q, w)
             row.update({f"{corpus}_ppl_fp": round(r.ppl_fp, 4), f"{corpus}_ppl_q": round(r.ppl_q, 4),
                         f"{corpus}_gap": round(r.gap, 5), f"{corpus}_topk_kept": round(r.expert_shift.mean_topk_kept, 5),
+                        f"{corpus}_topk_kept_by_layer": [round(v, 5) for v in r.expert_shift.topk_kept],
                         f"{corpus}_top1_changed": round(r.expert_shift.mean_top1_changed, 5),
                         f"{corpus}_kl": round(r.kl, 5), f"{corpus}_eval_tokens": r.n_tokens})
         rows.append(row)
