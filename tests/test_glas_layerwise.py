@@ -72,3 +72,22 @@ def test_activation_store_size_rule(tmp_path):
         s.drop(1)
         assert not list(next(tmp_path.iterdir()).iterdir())  # the level file is gone
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", ["micro-qwen3moe", "mixtral-8e"])
+def test_capture_keeps_the_boundaries_forward_boundaries_recomputes(name):
+    """quantize_model takes layer-wise GLAS's boundaries from its capture forward: the same values, bit for bit,
+    for the leading ``record`` batches; past the activation budget it keeps none (GLAS then runs its own pass)."""
+    model, _ = load_zoo_model(name)
+    layout = discover_moe_layout(model)
+    g = torch.Generator().manual_seed(2)
+    batches = [CalibrationBatch(torch.randint(3, 4000, (2, 24), generator=g), None) for _ in range(3)]
+    hidden, calls, kept = capture_layer_inputs(model, layout, batches, record=2)
+    assert len(kept) == len(layout.layers) + 1 and all(len(level) == 2 for level in kept)
+    with ActivationStore() as store:
+        forward_boundaries(ModelLayers(layout), hidden[:2], [c[:2] for c in calls], store)
+        for i, level in enumerate(kept):
+            assert all(torch.equal(a, b) for a, b in zip(level, store.get(i)))
+    level_bytes = sum(h.numel() * h.element_size() for h in hidden[:2])
+    assert capture_layer_inputs(model, layout, batches, record=2, budget=level_bytes)[2] is None
+    assert len(capture_layer_inputs(model, layout, batches)) == 2

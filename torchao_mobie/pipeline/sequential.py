@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..calibration import ExpertStatsCollector, FallbackEvent, LinearStatsCollector, log_fallback_summary
-from ..calibration.activations import ActivationStore
+from ..calibration.activations import ActivationStore, activation_budget
 from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.gradients import GLASCollector
 from ..calibration.heldback import HeldbackLoss, hold_back
@@ -52,11 +52,31 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[CalibrationBatch]):
+def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[CalibrationBatch],
+                         record: int = 0, budget: int | None = None):
     """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it (one
-    forward of the base model, no LM head)."""
+    forward of the base model, no LM head).
+
+    ``record``: also keep every layer's input and the last layer's output of the leading ``record`` batches,
+    the boundaries layer-wise GLAS stores (:func:`~..calibration.glas_layerwise.forward_boundaries`
+    recomputes the same values from the same inputs, so this saves a forward of the whole model) while they
+    fit ``budget`` bytes (the activation store's rule); returned as ``[level][batch]``, or None past it.
+    Returns ``(hidden, calls)``, or ``(hidden, calls, boundaries)`` when ``record``."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
+    levels = [[] for _ in range(len(layout.layers) + 1)] if record else None
+    kept = [0]
+    budget = activation_budget() if budget is None else budget
+
+    def keep(level: int, t: torch.Tensor) -> None:
+        nonlocal levels
+        if levels is None or len(levels[level]) >= record:
+            return
+        kept[0] += t.numel() * t.element_size()
+        if kept[0] > budget:  # layer-wise GLAS will run its own forward, storing level by level
+            levels = None
+            return
+        levels[level].append(t.detach())
 
     def check(hs, where):
         if isinstance(hs, torch.Tensor) and not bool(torch.isfinite(hs).all()):
@@ -74,6 +94,7 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
                 hs, rest = kwargs.pop("hidden_states"), ()
             if i == 0:
                 hidden.append(hs.detach())
+            keep(i, hs)
             calls[i].append((rest, dict(kwargs)))
             check(hs, f"entering {layout.layers[i].fqn}" + (" (the embedding output)" if i == 0 else
                                                               f" (the output of {layout.layers[i - 1].fqn})"))
@@ -81,6 +102,7 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
 
     def last_hook(module, args, output):
         check(_layer_output(output), f"at the output of {layout.layers[-1].fqn}")
+        keep(len(layout.layers), _layer_output(output))
 
     handles = [layer.module.register_forward_pre_hook(make_hook(i), with_kwargs=True)
                for i, layer in enumerate(layout.layers)]
@@ -93,7 +115,7 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
     if len(hidden) != len(batches) or any(len(c) != len(batches) for c in calls):
         raise RuntimeError(f"{layout.model_class}: the decoder layers in {layout.layers_fqn} were not each called "
                            "once per calibration batch; cannot run the sequential pipeline on this model")
-    return hidden, calls
+    return (hidden, calls, levels) if record else (hidden, calls)
 
 
 def _forward_batches(model: nn.Module, batches: list[CalibrationBatch]) -> None:
@@ -124,9 +146,10 @@ def lm_head_of(model: nn.Module):
     return lambda h: lm_head(norm(h))
 
 
-def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls):
+def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls, boundaries=None):
     """GLAS pair weights of the leading ``glas_samples`` batches, layer by layer
-    (:mod:`~torchao_mobie.calibration.glas_layerwise`: equal to the whole-model backward pass)."""
+    (:mod:`~torchao_mobie.calibration.glas_layerwise`: equal to the whole-model backward pass).
+    ``boundaries``: those batches' layer boundaries kept by :func:`capture_layer_inputs` (else recomputed)."""
     head = lm_head_of(model)
     if head is None:
         raise ValueError(f"{type(model).__name__}: GLAS needs the LM loss, so the model with its LM head "
@@ -135,7 +158,11 @@ def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, call
     calls_n = [c[:n] for c in calls]
     layers = ModelLayers(layout)
     with ActivationStore() as store:
-        forward_boundaries(layers, hidden[:n], calls_n, store)
+        if boundaries is not None and all(len(level) == n for level in boundaries):
+            for i, level in enumerate(boundaries):
+                store.put(i, level)
+        else:
+            forward_boundaries(layers, hidden[:n], calls_n, store)
         return layerwise_glas_weights(layers, batches[:n], calls_n, store, lambda h, b: lm_loss_sum(head(h), b),
                                       power=config.glas_power)
 
@@ -304,10 +331,14 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
     try:
         # first: the full-precision forward also checks every layer's activations are finite, so bad
         # calibration data or weights fail here, before any weight is changed
-        hidden, calls = capture_layer_inputs(model, layout, batches)
         glas = None
         if getattr(config, "needs_gradients", False) and experts:
-            glas = _layerwise_glas(model, layout, config, batches, hidden, calls)
+            hidden, calls, boundaries = capture_layer_inputs(model, layout, batches,
+                                                             record=_glas_batches(config, batches))
+            glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries)
+            del boundaries
+        else:
+            hidden, calls = capture_layer_inputs(model, layout, batches)
         heldloss = _heldback_loss(model, layout, calls, batches)
         plan_memory: dict = {}
         from tqdm.auto import tqdm
