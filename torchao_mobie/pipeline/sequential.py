@@ -161,6 +161,7 @@ def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, call
         if boundaries is not None and all(len(level) == n for level in boundaries):
             for i, level in enumerate(boundaries):
                 store.put(i, level)
+                level.clear()  # the store holds them now, and frees each level once GLAS has passed it
         else:
             forward_boundaries(layers, hidden[:n], calls_n, store)
         return layerwise_glas_weights(layers, batches[:n], calls_n, store, lambda h, b: lm_loss_sum(head(h), b),
