@@ -43,6 +43,7 @@ import argparse
 import copy
 import gc
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -435,8 +436,6 @@ def main(argv=None):
     res["process_per_model"] = args.process_per_model
     for name in jobs:
         if args.process_per_model:
-            import multiprocessing
-
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 res["models"].append(pool.apply(run_job, (name, args)))
         else:

@@ -16,17 +16,16 @@ import torch
 import torch.nn.functional as F
 torch.set_num_threads(1)
 import torchao_mobie.calibration.glas_layerwise as gl
-from torchao_mobie.integrations.transformers import discover_moe_layout
 import torchao_mobie.pipeline.sequential as seq
 LAM = float(os.environ.get("LAM", "1.0"))
 ROUTERS = {}
 orig_lw = seq._layerwise_glas
-def patched_lw(model, layout, config, batches, hidden, calls):
+def patched_lw(model, layout, *args, **kwargs):
     ROUTERS.clear()
     for L in layout.layers:
         if L.moe is not None:
             ROUTERS[id(L.module)] = L.moe.router
-    return orig_lw(model, layout, config, batches, hidden, calls)
+    return orig_lw(model, layout, *args, **kwargs)
 seq._layerwise_glas = patched_lw
 orig = gl._layer_backward
 def _route_loss(router, out):
