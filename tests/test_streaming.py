@@ -72,6 +72,34 @@ def test_streaming_equals_in_memory_bit_for_bit(name, sharded, tmp_path):
     assert n_packed == 2 * sum(1 for k in mine if k.endswith("experts.down_proj"))
 
 
+def test_router_align_streams_bit_for_bit_and_resumes(sharded, tmp_path, monkeypatch):
+    """Router alignment: the routers written by the stream equal quantize_model's, also after a resume (the
+    full-precision router logits are recomputed layer by layer)."""
+    from safetensors.torch import load_file
+
+    src, calib, cfg = sharded("micro-qwen3moe"), _calib(2), MoBiEConfig(router_align=True)
+    model, _ = load_zoo_model("micro-qwen3moe")
+    fp = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("gate.weight")}
+    report = quantize_model(model, cfg, calib, progress=False)
+    whole = tmp_path / "whole"
+    streamed = quantize_streaming(src, whole, cfg, calib, progress=False)
+    assert streamed.router_alignment == report.router_alignment and len(report.router_alignment) >= 2
+    written = {}
+    for f in whole.glob("model-*.safetensors"):
+        written.update({k: v for k, v in load_file(f).items() if k.endswith("gate.weight")})
+    assert written.keys() == fp.keys()
+    mine = model.state_dict()
+    assert all(torch.equal(written[k], mine[k]) for k in fp)
+    assert sum(not torch.equal(written[k], fp[k]) for k in fp) == len(fp) - 1  # all but the first router moved
+    out = tmp_path / "resumed"
+    monkeypatch.setenv(FAIL_AFTER_ENV, "1")
+    with pytest.raises(StreamFault):
+        quantize_streaming(src, out, cfg, calib, progress=False)
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    quantize_streaming(src, out, cfg, calib, progress=False)
+    assert _digests(out) == _digests(whole)
+
+
 def test_kill_and_resume_writes_the_same_bytes(sharded, tmp_path, monkeypatch):
     src = sharded("qwen3moe-32e")
     calib = _calib(1)

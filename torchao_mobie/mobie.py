@@ -116,6 +116,13 @@ class MoBiEConfig(BinarizationConfig):
             everywhere on the zoo, the joint fits are then paid once, not per layer).
         select_refit: fit the chosen layout again on every calibration sequence (else keep its fit on
             the three quarters).
+        router_align: refit each MoE router (kept in full precision) after its layer's experts are binarized,
+            so that its logits on the quantized model's inputs match the full-precision model's on the
+            calibration tokens (ridge least squares, :mod:`torchao_mobie.calibration.router_align`): expert
+            shift suppressed on the router's side, at no storage cost. Needs :func:`~torchao_mobie.quantize_model`'s
+            sequential pass. Off by default until it is measured on every held-out model
+            (benchmarks/results/router_align.md).
+        router_align_ridge: its ridge toward the original router, relative to the mean input energy.
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
             number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
             2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first
@@ -158,11 +165,13 @@ class MoBiEConfig(BinarizationConfig):
     select_refit: bool = True
     select_margin: float = 2.0
     select_probe: int = 1
+    router_align: bool = False
+    router_align_ridge: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         n = "MoBiEConfig"
-        for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit"):
+        for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit", "router_align"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
         if self.side not in ("auto", "input", "output"):
@@ -187,6 +196,9 @@ class MoBiEConfig(BinarizationConfig):
                 0 < self.glas_power <= 1):
             raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
         check_int(n, "select_probe", self.select_probe, 0)
+        if (isinstance(self.router_align_ridge, bool) or not isinstance(self.router_align_ridge, (int, float))
+                or not self.router_align_ridge > 0):
+            raise ValueError(f"{n}.router_align_ridge must be a float > 0, got {self.router_align_ridge!r}")
         if isinstance(self.select_margin, bool) or not isinstance(self.select_margin, (int, float)) or \
                 not self.select_margin >= 0:
             raise ValueError(f"{n}.select_margin must be a float >= 0, got {self.select_margin!r}")

@@ -35,7 +35,16 @@ from .guards import (
 )
 from .report import KIND, NAME, OBSERVED_WITH, OBSERVER, ROUTER_STATS, module_name
 
-__all__ = ["binarize_module", "moe_experts_filter", "quantize_", "scope_filter", "selected_targets", "tag_names"]
+__all__ = ["binarize_module", "check_no_router_align", "moe_experts_filter", "quantize_", "scope_filter", "selected_targets", "tag_names"]
+
+
+def check_no_router_align(config) -> None:
+    """The torchao flows binarize module by module from full-precision statistics, so they cannot refit the
+    routers on the quantized model's own activations (:mod:`~..calibration.router_align`)."""
+    if getattr(config, "router_align", False):
+        raise ValueError(f"{type(config).__name__}(router_align=True) refits the routers on the quantized model's "
+                         "own activations, which only the sequential pass has: use torchao_mobie.quantize_model, "
+                         "or router_align=False with quantize_")
 
 
 def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_name: str | None = None) -> nn.Module:
@@ -73,6 +82,7 @@ def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_
     check_not_binarized(module, params)
     check_not_packed([(name, module, params)])
     check_same_config(module, params, config)
+    check_no_router_align(config)
     if config.step == "convert":
         check_finite_weights([(name, module, params)])
         check_packable([(name, module, params)], config)
@@ -194,6 +204,7 @@ def quantize_(model: nn.Module, config, filter_fn=_DEFAULT, device=None) -> None
         return
     if not isinstance(config, BinarizationConfig):
         raise TypeError(f"torchao_mobie.quantize_ expects a BinarizationConfig or FqnToConfig, got {type(config).__name__}")
+    check_no_router_align(config)
     if filter_fn is _DEFAULT or filter_fn is None:
         filter_fn = scope_filter(model, config.scope)
     # every check before the first module is touched (torchao converts module by module)

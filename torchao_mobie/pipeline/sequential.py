@@ -26,6 +26,7 @@ from ..calibration.activations import ActivationStore, activation_budget
 from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.gradients import GLASCollector
 from ..calibration.heldback import HeldbackLoss, hold_back
+from ..calibration.router_align import RouterTargets, align_router
 from ..integrations.transformers import PROJECTIONS, DecoderLayerInfo, LinearInfo, MoEModelLayout, discover_moe_layout
 from ..marker import mark_quantized
 from ..methods.base import BinarizationConfig, Scope
@@ -333,13 +334,15 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
         # first: the full-precision forward also checks every layer's activations are finite, so bad
         # calibration data or weights fail here, before any weight is changed
         glas = None
+        with RouterTargets(layout if getattr(config, "router_align", False) and experts else None) as targets:
+            if getattr(config, "needs_gradients", False) and experts:
+                hidden, calls, boundaries = capture_layer_inputs(model, layout, batches,
+                                                                 record=_glas_batches(config, batches))
+            else:
+                hidden, calls = capture_layer_inputs(model, layout, batches)
         if getattr(config, "needs_gradients", False) and experts:
-            hidden, calls, boundaries = capture_layer_inputs(model, layout, batches,
-                                                             record=_glas_batches(config, batches))
             glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries)
             del boundaries
-        else:
-            hidden, calls = capture_layer_inputs(model, layout, batches)
         heldloss = _heldback_loss(model, layout, calls, batches)
         plan_memory: dict = {}
         from tqdm.auto import tqdm
@@ -351,6 +354,10 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                            downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
                            plan_memory=plan_memory)
             log_fallback_summary(layer.fqn, events)
+            if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
+                report.router_alignment[layer.moe.router_fqn] = align_router(
+                    layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index),
+                    config.router_align_ridge)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]
     except Exception as e:

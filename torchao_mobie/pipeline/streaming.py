@@ -13,6 +13,8 @@ conversion):
   replaced by a stub that records its call;
 * GLAS: layer-wise (:mod:`~torchao_mobie.calibration.glas_layerwise`), each layer loaded twice (forward,
   then recompute + backward), boundaries in an :class:`~torchao_mobie.calibration.activations.ActivationStore`;
+* router alignment (``MoBiEConfig.router_align``): the full-precision router logits from one more forward,
+  layer by layer (:func:`_router_targets`);
 * the sequential pass: layer ``i`` loaded, calibrated and binarized stage by stage from the activations the
   already-binarized layers produced, run once more to produce layer ``i+1``'s inputs, packed, written as
   its own shard, and freed (back to meta). The held-back judge of the first (probe) layer runs the later
@@ -43,6 +45,7 @@ from ..calibration import FallbackEvent, log_fallback_summary
 from ..calibration.activations import ActivationStore
 from ..calibration.glas_layerwise import forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.heldback import HeldbackLoss, hold_back
+from ..calibration.router_align import RouterTargets, align_router
 from ..integrations.transformers import PROJECTIONS, discover_moe_layout
 from ..marker import mark_packed, mark_quantized
 from ..methods.base import BinarizationConfig
@@ -179,6 +182,20 @@ def _capture_calls(model: nn.Module, layout, batches):
     return hidden, calls
 
 
+@torch.no_grad()
+def _router_targets(layers: "_Layers", layout, hidden, calls) -> dict:
+    """Every MoE router's full-precision logits per calibration batch (router alignment): the forward
+    :func:`~.sequential.capture_layer_inputs` makes in memory, one layer loaded at a time up to the last MoE
+    layer. Run again on resume (the later layers' targets need every earlier layer's full-precision output)."""
+    last = max((layer.index for layer in layout.layers if layer.moe is not None), default=-1)
+    h = list(hidden)
+    with RouterTargets(layout) as targets:
+        for i in range(last + 1):
+            with layers.open(i) as (module, _):
+                h = [_layer_output(module(x, *args, **kwargs)) for x, (args, kwargs) in zip(h, calls[i])]
+    return targets.logits
+
+
 def _materialize_names(model: nn.Module, ckpt: HubCheckpoint, names) -> None:
     params = dict(model.named_parameters())
     tensors = ckpt.load(names)
@@ -308,6 +325,8 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                 glas = layerwise_glas_weights(layers, batches[:n], [c[:n] for c in calls], store,
                                               lambda h, b: lm_loss_sum(head(h), b), power=config.glas_power)
             state.save_glas(glas)
+    targets = _router_targets(layers, layout, hidden, calls) if (
+        getattr(config, "router_align", False) and experts and done < n_layers) else {}
     if 0 < done < n_layers:
         hidden = state.resume_hidden([h.device for h in hidden])
     plan_memory = state.plan_memory()
@@ -326,6 +345,9 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                     _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
                                downstream=downstream[layer.index], heldloss=heldloss, plan_memory=plan_memory)
                 log_fallback_summary(layer.fqn, events)
+                if layer.index in targets:
+                    report.router_alignment[layer.moe.router_fqn] = align_router(
+                        layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config.router_align_ridge)
                 hidden = [_layer_output(layer.module(h, *args, **kwargs))
                           for h, (args, kwargs) in zip(hidden, calls[layer.index])]
             if packed and layer.moe is not None:
