@@ -56,14 +56,15 @@ def test_aligned_routers_match_full_precision_logits_better(family):
 
     ref, got_plain, got = router_logits(fp, ids), router_logits(plain, ids), router_logits(aligned, ids)
     for r in routers[1:]:
-        before, after = report.router_alignment[r]
+        before, after, kept = report.router_alignment[r]
+        assert kept  # no held-back sequences here: every refit is kept
         err_plain = float(((got_plain[r] - ref[r]) ** 2).mean())
         err = float(((got[r] - ref[r]) ** 2).mean())
         assert after == pytest.approx(err, rel=1e-3, abs=1e-9)  # the report says what the model does
         assert err < 0.9 * before
         if r == routers[1]:  # the same inputs as without alignment: nothing before it was aligned
             assert before == pytest.approx(err_plain, rel=1e-3)
-    assert report.router_alignment[routers[0]] == (0.0, 0.0)
+    assert tuple(report.router_alignment[routers[0]]) == (0.0, 0.0, False)
 
 
 def test_alignment_off_by_default_and_leaves_routers():
@@ -82,7 +83,51 @@ def test_torchao_flows_refuse_router_align():
     assert changed_params(before, m) == set()
 
 
-@pytest.mark.parametrize("bad", [dict(router_align=1), dict(router_align_ridge=0.0), dict(router_align_ridge=True)])
+@pytest.mark.parametrize("bad", [dict(router_align=1), dict(router_align_ridge=0.0), dict(router_align_ridge=True),
+                                 dict(router_align_judge="yes")])
 def test_router_align_config_is_validated(bad):
     with pytest.raises(ValueError, match="router_align"):
         tm.MoBiEConfig(**bad)
+
+
+def test_the_held_back_judge_keeps_a_refit_only_when_the_loss_falls():
+    from torchao_mobie.calibration.router_align import align_router
+    from torchao_mobie.pipeline.batches import CalibrationBatch
+
+    fp = tiny_model("qwen3_moe", layers=2)
+    layer = discover_moe_layout(fp).moe_layers[1]
+    ids = calib(8)
+    batches = [CalibrationBatch(ids[:4], None), CalibrationBatch(ids[4:], None)]
+    hidden, calls = [], []
+    def record(module, args, kwargs):
+        hidden.append(args[0])
+        calls.append((tuple(args[1:]), dict(kwargs)))
+
+    h = layer.module.register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        fp(input_ids=ids[:4]), fp(input_ids=ids[4:])
+    h.remove()
+    hidden = [x + 0.3 * torch.randn_like(x) for x in hidden]  # a shifted input stream
+    router = layer.moe.router
+    targets = [torch.nn.functional.linear(x, router.weight).detach() for x in _router_inputs(layer, fp, ids)]
+    W = router.weight.detach().clone()
+    for verdict, kept in ((1.0, False), (-1.0, True)):
+        router.weight.data.copy_(W)
+        seen = []
+
+        def judge():  # the held-back loss: first with the original router, then with the refit
+            seen.append(1)
+            return torch.tensor([verdict * len(seen)])
+
+        res = align_router(layer, hidden, calls, batches, targets, judge=judge)
+        assert res.kept is kept and res.after < res.before and len(seen) == 2
+        assert torch.equal(router.weight, W) is (not kept)
+
+
+def _router_inputs(layer, model, ids):
+    xs = []
+    h = layer.moe.router.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids[:4]), model(input_ids=ids[4:])
+    h.remove()
+    return xs

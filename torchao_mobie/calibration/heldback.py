@@ -49,22 +49,28 @@ class HeldbackLoss:
             saved = param.data.clone()
             experts.set_weight(projection, W_hat)
             try:
-                per_seq = []
-                for b in self.held:
-                    h = hidden[b]
-                    for i in range(start, len(self.layers)):
-                        args, kwargs = self.calls[i][b]
-                        h = self.layer_output(self.layers[i](h, *args, **kwargs))
-                    logits = self.head(h).float()
-                    ids, mask = self.batches[b].input_ids, self.batches[b].attention_mask
-                    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
-                    keep = torch.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).double()
-                    per_seq.append((nll * keep).sum(1) / keep.sum(1).clamp_min(1))
-                return torch.cat(per_seq)
+                return self.per_sequence(start, hidden)
             finally:
                 param.data.copy_(saved)
 
         return loss
+
+    @torch.no_grad()
+    def per_sequence(self, start: int, hidden: list) -> torch.Tensor:
+        """``[S]`` mean NLL of each held-back sequence with the model's current weights, run from layer
+        ``start`` (inputs per batch: ``hidden``)."""
+        per_seq = []
+        for b in self.held:
+            h = hidden[b]
+            for i in range(start, len(self.layers)):
+                args, kwargs = self.calls[i][b]
+                h = self.layer_output(self.layers[i](h, *args, **kwargs))
+            logits = self.head(h).float()
+            ids, mask = self.batches[b].input_ids, self.batches[b].attention_mask
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()
+            keep = torch.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).double()
+            per_seq.append((nll * keep).sum(1) / keep.sum(1).clamp_min(1))
+        return torch.cat(per_seq)
 
 
 def hold_back(batches: list, make_batch: Callable) -> list:

@@ -19,11 +19,13 @@ to 0.1 within ±0.0004 of top-k. Held-out results: ``benchmarks/results/router_a
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RouterTargets", "align_router"]
+__all__ = ["RouterAlignment", "RouterTargets", "align_router"]
 
 
 def _router_logits(router: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +68,24 @@ class _Stop(Exception):
     """Raised by the router's pre-hook: the rest of the layer is not needed."""
 
 
+class RouterAlignment(NamedTuple):
+    """Mean squared logit error of one router against the full-precision logits (calibration tokens) before
+    and after the refit, and whether the refit was kept (the held-back LM loss did not rise)."""
+
+    before: float
+    after: float
+    kept: bool
+
+
 @torch.no_grad()
-def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], ridge: float = 0.01) -> tuple[float, float]:
+def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], ridge: float = 0.01,
+                 judge: Callable[[], torch.Tensor] | None = None) -> RouterAlignment:
     """Refit ``layer``'s router (a :class:`~..integrations.transformers.DecoderLayerInfo` with an MoE block)
     on the calibration batches that are not held back, from its current inputs ``hidden`` and the
     full-precision ``targets`` (one ``[tokens, E]`` per batch, :class:`RouterTargets`). Padded tokens are
     left out. A router whose logits are still the full-precision ones, bit for bit, is left as it is.
-    Returns the mean squared logit error before and after."""
+    ``judge``: per-sequence LM loss of the held-back calibration sequences with the current weights
+    (:meth:`~.heldback.HeldbackLoss.per_sequence`); the refit is kept only when it lowers their mean."""
     router = layer.moe.router
     W = router.weight.detach().double()
     H = W.shape[1]
@@ -111,7 +124,7 @@ def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], rid
     finally:
         handle.remove()
     if not n or same:  # nothing binarized before this router reaches it: it is aligned already
-        return 0.0, 0.0
+        return RouterAlignment(0.0, 0.0, False)
     lam = ridge * float(A.diagonal().mean())
     eye = torch.eye(H, dtype=A.dtype, device=A.device)
     Wn = torch.linalg.solve(A + lam * eye, C + lam * W.T).T
@@ -119,6 +132,11 @@ def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], rid
     def err(V):  # ||X Vᵀ − Y||² from the Gram sums
         return max(0.0, float((V @ A * V).sum() - 2 * (V * C.T).sum()) + yy) / n
 
-    before = err(W)
+    before, after = err(W), err(Wn)
+    base = None if judge is None else judge()
+    saved = router.weight.detach().clone()
     router.weight.copy_(Wn.to(router.weight.dtype))
-    return before, err(Wn)
+    if base is not None and not float((judge() - base).mean()) < 0:
+        router.weight.copy_(saved)
+        return RouterAlignment(before, after, False)
+    return RouterAlignment(before, after, True)

@@ -46,9 +46,9 @@ class QuantizationReport:
     wall_time_s: float = 0.0
     fallback_events: list[FallbackEvent] = field(default_factory=list)
     router_stats: dict[str, RouterInputStats] = field(default_factory=dict)
-    #: per router fqn, its mean squared logit error against the full-precision logits before and after
-    #: router alignment (``MoBiEConfig.router_align``)
-    router_alignment: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: per router fqn, its :class:`~torchao_mobie.calibration.router_align.RouterAlignment` (logit error before
+    #: and after, kept or not; ``MoBiEConfig.router_align``)
+    router_alignment: dict[str, tuple] = field(default_factory=dict)
     data_free: list[str] = field(default_factory=list)
     calibration_tokens: int = 0
 

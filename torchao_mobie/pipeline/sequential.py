@@ -357,7 +357,9 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
                 report.router_alignment[layer.moe.router_fqn] = align_router(
                     layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index),
-                    config.router_align_ridge)
+                    config.router_align_ridge,
+                    judge=None if heldloss is None or not getattr(config, "router_align_judge", True) else
+                    lambda: heldloss.per_sequence(layer.index, hidden))
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]
     except Exception as e:
