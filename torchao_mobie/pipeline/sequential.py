@@ -358,7 +358,7 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                 report.router_alignment[layer.moe.router_fqn] = align_router(
                     layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index),
                     config.router_align_ridge,
-                    judge=None if heldloss is None or not getattr(config, "router_align_judge", True) else
+                    judge=None if heldloss is None or not getattr(config, "router_align_judge", False) else
                     lambda: heldloss.per_sequence(layer.index, hidden))
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]
