@@ -213,6 +213,16 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
     return out
 
 
+def _align_router(layer: DecoderLayerInfo, hidden, calls, batches, targets, config, report: QuantizationReport,
+                  heldloss: HeldbackLoss | None) -> None:
+    """Router alignment of ``layer`` (``config.router_align``), with the held-back judge when asked for."""
+    judge = None
+    if heldloss is not None and getattr(config, "router_align_judge", False):
+        judge = lambda: heldloss.per_sequence(layer.index, hidden)  # noqa: E731
+    report.router_alignment[layer.moe.router_fqn] = align_router(layer, hidden, calls, batches, targets,
+                                                                 config.router_align_ridge, judge=judge)
+
+
 def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: list[CalibrationBatch]) -> HeldbackLoss | None:
     """The held-back loss judge, when there are held-back batches and the model has its LM head."""
     head = lm_head_of(model)
@@ -355,11 +365,8 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                            plan_memory=plan_memory)
             log_fallback_summary(layer.fqn, events)
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
-                report.router_alignment[layer.moe.router_fqn] = align_router(
-                    layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index),
-                    config.router_align_ridge,
-                    judge=None if heldloss is None or not getattr(config, "router_align_judge", False) else
-                    lambda: heldloss.per_sequence(layer.index, hidden))
+                _align_router(layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index), config,
+                              report, heldloss)
             hidden = [_layer_output(layer.module(h, *args, **kwargs))
                       for h, (args, kwargs) in zip(hidden, calls[layer.index])]
     except Exception as e:

@@ -45,7 +45,7 @@ from ..calibration import FallbackEvent, log_fallback_summary
 from ..calibration.activations import ActivationStore
 from ..calibration.glas_layerwise import forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.heldback import HeldbackLoss, hold_back
-from ..calibration.router_align import RouterTargets, align_router
+from ..calibration.router_align import RouterTargets
 from ..integrations.transformers import PROJECTIONS, discover_moe_layout
 from ..marker import mark_packed, mark_quantized
 from ..methods.base import BinarizationConfig
@@ -59,8 +59,8 @@ from .batches import CalibrationBatch, calibration_batches, check_calibration
 from .guards import check_packable, targets_of
 from .handler import selected_targets, tag_names
 from .report import RECORDS, QuantizationReport
-from .sequential import _downstream_routers, _forward_batches, _glas_batches, _layer_output, _run_stage, _stages, \
-    lm_head_of
+from .sequential import _align_router, _downstream_routers, _forward_batches, _glas_batches, _layer_output, _run_stage, \
+    _stages, lm_head_of
 from .stream_state import StreamState, atomic_save_file, atomic_write_bytes, calibration_digest, settings_of
 
 __all__ = ["quantize_streaming", "FAIL_AFTER_ENV"]
@@ -346,10 +346,8 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                                downstream=downstream[layer.index], heldloss=heldloss, plan_memory=plan_memory)
                 log_fallback_summary(layer.fqn, events)
                 if layer.index in targets:
-                    report.router_alignment[layer.moe.router_fqn] = align_router(
-                        layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config.router_align_ridge,
-                        judge=None if heldloss is None or not getattr(config, "router_align_judge", False) else
-                        lambda: heldloss.per_sequence(layer.index, hidden))
+                    _align_router(layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config,
+                                  report, heldloss)
                 hidden = [_layer_output(layer.module(h, *args, **kwargs))
                           for h, (args, kwargs) in zip(hidden, calls[layer.index])]
             if packed and layer.moe is not None:
