@@ -121,7 +121,7 @@ class MoBiEConfig(BinarizationConfig):
             calibration tokens (ridge least squares, :mod:`torchao_mobie.calibration.router_align`): expert
             shift suppressed on the router's side, at no storage cost. Needs :func:`~torchao_mobie.quantize_model`'s
             sequential pass (``quantize_model``, ``quantize_streaming``). Top-k agreement +0.0012 to +0.0046 on
-            the four zoo and five held-out models measured (3 seeds, benchmarks/results/router_align.md), the
+            the four zoo and six core held-out models (3 seeds, benchmarks/results/router_align.md), the
             gap level or lower except on olmoe-32e (0.0212 → 0.0223, beyond the seed spread): off by default.
         router_align_ridge: its ridge toward the original router, relative to the mean input energy.
         router_align_judge: keep a router's refit only when it lowers the LM loss of the held-back calibration

@@ -13,7 +13,7 @@ The full-precision logits are recorded during the calibration capture forward (`
 layer, far smaller than the hidden states), and ``X_q`` comes from running the layer up to its router on
 the sequential pass's inputs. A router with nothing binarized before it is left as it is.
 Measured (3 seeds, ``benchmarks/results/router_align.md``): top-k agreement +0.0012 to +0.0046 on the four
-zoo and five held-out models measured, the gap level or lower except on olmoe-32e (0.0212 → 0.0223), which
+zoo and six core held-out models, the gap level or lower except on olmoe-32e (0.0212 → 0.0223), which
 keeps it off by default; λ from 0.001 to 0.1 moved top-k by at most 0.0004 (qwen3moe-32e, seed 0).
 """
 
