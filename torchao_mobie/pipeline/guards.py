@@ -1,6 +1,6 @@
 """Everything checked before a weight changes, so bad input leaves the model as it was: binarized or
 packed twice, non-finite weights or Hessians, a layout that cannot be packed, observe/convert with two
-configs."""
+configs, router alignment asked of a flow that cannot run it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..storage.convert import check_targets_packable as check_packable
 from ..storage.mobie_tensor import MoBiETensor
 from .report import OBSERVED_WITH, RECORDS, module_name
 
-__all__ = ["check_finite_hessian", "check_finite_weights", "check_not_binarized", "check_not_packed",
+__all__ = ["check_finite_hessian", "check_finite_weights", "check_no_router_align", "check_not_binarized", "check_not_packed",
            "check_not_requantizing", "check_packable", "check_same_config", "finite_or_raise", "targets_of"]
 
 
@@ -105,3 +105,12 @@ def check_finite_hessian(h: torch.Tensor, name: str) -> None:
         raise FloatingPointError(
             f"{name}: the calibration Hessian{which} has NaN/Inf entries: non-finite activations reached this "
             "layer; check the calibration data and the weights of the layers before it")
+
+
+def check_no_router_align(config) -> None:
+    """The torchao flows binarize module by module from full-precision statistics, so they cannot refit the
+    routers on the quantized model's own activations (:mod:`~torchao_mobie.calibration.router_align`)."""
+    if getattr(config, "router_align", False):
+        raise ValueError(f"{type(config).__name__}(router_align=True) refits the routers on the quantized model's "
+                         "own activations, which only the sequential pass has: use torchao_mobie.quantize_model, "
+                         "or router_align=False with quantize_")

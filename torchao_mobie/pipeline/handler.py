@@ -27,6 +27,7 @@ from ..storage.packed_model import finish_if_packed
 from .binarize import apply_experts, apply_linear, routing_weighted, warn_data_free
 from .guards import (
     check_finite_weights,
+    check_no_router_align,
     check_not_binarized,
     check_not_packed,
     check_not_requantizing,
@@ -35,16 +36,7 @@ from .guards import (
 )
 from .report import KIND, NAME, OBSERVED_WITH, OBSERVER, ROUTER_STATS, module_name
 
-__all__ = ["binarize_module", "check_no_router_align", "moe_experts_filter", "quantize_", "scope_filter", "selected_targets", "tag_names"]
-
-
-def check_no_router_align(config) -> None:
-    """The torchao flows binarize module by module from full-precision statistics, so they cannot refit the
-    routers on the quantized model's own activations (:mod:`~..calibration.router_align`)."""
-    if getattr(config, "router_align", False):
-        raise ValueError(f"{type(config).__name__}(router_align=True) refits the routers on the quantized model's "
-                         "own activations, which only the sequential pass has: use torchao_mobie.quantize_model, "
-                         "or router_align=False with quantize_")
+__all__ = ["binarize_module", "moe_experts_filter", "quantize_", "scope_filter", "selected_targets", "tag_names"]
 
 
 def binarize_module(module: nn.Module, config: BinarizationConfig, *, parameter_name: str | None = None) -> nn.Module:
