@@ -128,6 +128,14 @@ class MoBiEConfig(BinarizationConfig):
             sequences (the layout judge's, run from that layer on; without held-back sequences every refit is
             kept). Off: on the zoo (3 seeds) it halved the top-k gain and moved no gap beyond the spread;
             olmoe-32e's gap, which the refit raises (0.0212 → 0.0223), stayed up (0.0220).
+        fp_target: fit each expert projection to the full-precision model's output on the calibration tokens,
+            ``Σ ||Q x_q − W x_fp||²``, instead of to its own weight on the quantized model's inputs: the
+            weight is replaced by the least-squares target ``W (C + λI)(H + λI)⁻¹`` (``C = Σ x_fp x_qᵀ``) before
+            the fit (:mod:`torchao_mobie.algorithms.fp_target`), so the binarized layers partly undo the error
+            of the ones before them and, for down_proj, of their own gate_up. No storage; one more forward
+            per layer. Needs the sequential pass (``quantize_model``, ``quantize_streaming``); the torchao
+            flows observe the full-precision model, where the target is the weight itself.
+        fp_target_ridge: its ridge λ toward ``W``, relative to ``mean(diag H_e)`` per expert.
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
             number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
             2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first
@@ -173,12 +181,14 @@ class MoBiEConfig(BinarizationConfig):
     router_align: bool = False
     router_align_ridge: float = 0.01
     router_align_judge: bool = False
+    fp_target: bool = True
+    fp_target_ridge: float = 0.01
 
     def __post_init__(self):
         super().__post_init__()
         n = "MoBiEConfig"
         for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit", "router_align",
-                  "router_align_judge"):
+                  "router_align_judge", "fp_target"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
         if self.side not in ("auto", "input", "output"):
@@ -203,9 +213,10 @@ class MoBiEConfig(BinarizationConfig):
                 0 < self.glas_power <= 1):
             raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
         check_int(n, "select_probe", self.select_probe, 0)
-        if (isinstance(self.router_align_ridge, bool) or not isinstance(self.router_align_ridge, (int, float))
-                or not self.router_align_ridge > 0):
-            raise ValueError(f"{n}.router_align_ridge must be a float > 0, got {self.router_align_ridge!r}")
+        for f in ("router_align_ridge", "fp_target_ridge"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{n}.{f} must be a float > 0, got {v!r}")
         if isinstance(self.select_margin, bool) or not isinstance(self.select_margin, (int, float)) or \
                 not self.select_margin >= 0:
             raise ValueError(f"{n}.select_margin must be a float >= 0, got {self.select_margin!r}")

@@ -4,6 +4,7 @@ from .arb import arb_quantize
 from .billm import billm_quantize, saliency, search_salient_columns, search_split_threshold, split_candidates
 from .binarize import Binarized, arb_binarize, arb_rc_binarize, residual_binarize, sign_binarize, sign_quantize
 from .cejd import cejd_quantize, reconstruct as cejd_reconstruct
+from .fp_target import fp_target_weight
 from .hbllm import hbllm_quantize
 from .compensation import inverse_hessian_factor, quantize_blockwise
 from .nges import router_metric, routing_projector
@@ -19,6 +20,7 @@ __all__ = [
     "billm_quantize",
     "cejd_quantize",
     "cejd_reconstruct",
+    "fp_target_weight",
     "hbllm_quantize",
     "inverse_hessian_factor",
     "quantize_blockwise",

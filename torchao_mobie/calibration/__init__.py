@@ -7,6 +7,8 @@
 * :mod:`.fallback`: the rule for experts the data (almost) never reaches, and its log line.
 * :mod:`.router`: router-input moments kept for expert-shift suppression (NGES).
 * :mod:`.linear`: Hessians of ``nn.Linear`` layers in scope.
+* :mod:`.fp_shadow`: the full-precision model's expert inputs, one layer ahead of the sequential pass (for the
+  full-precision target, :mod:`torchao_mobie.algorithms.fp_target`).
 
 Gradient statistics (GLAS) are not implemented; they enter through the per-row/per-pair weights that
 every accumulator already takes (``pair_weights`` / ``row_weights``): a gradient-aware collector

@@ -39,13 +39,16 @@ class ExpertHessians:
     fallback: the experts that use the layer-level Hessian, with the event describing it.
     """
 
-    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent, split=None):
+    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent, split=None, cross=None):
         self.hessian = hessian
         self.counts = counts
         self.event = event
         # (mean [E, in, in], counts [E]) over the calibration tokens that were not held back (fallback
         # experts and experts with no such token: the main Hessian), or None
         self.split = split
+        # full-precision target (``fp_hidden``): (mean x_q x_qᵀ [E, in, in], mean x_fp x_qᵀ [E, in, in], counts [E])
+        # over the same tokens (those not held back), or None
+        self.cross = cross
 
     @property
     def fallback_experts(self) -> list[int]:
@@ -60,6 +63,10 @@ class ExpertStatsCollector:
     token_mask: optional ``[T]`` bool set by the caller before each batch (False = padding, ignored).
     heldback: also keep the Hessians of the tokens that are not held back apart (the main ones are still
         over every token); the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch.
+    fp_target: also accumulate ``Σ x_fp x_qᵀ`` against the full-precision model's inputs of the same rows, which
+        the caller sets as ``fp_hidden [rows, H]`` before each batch (with ``fp_gate_up``, the full-precision
+        ``[E, 2I, H]`` weight, for ``down_proj``'s full-precision inputs); over the tokens not held back
+        (:mod:`~torchao_mobie.algorithms.fp_target`).
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -68,7 +75,7 @@ class ExpertStatsCollector:
 
     def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
                  min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, routing_weighted: bool = False,
-                 heldback: bool = False):
+                 heldback: bool = False, fp_target: bool = False):
         for p in projections:
             if p not in PROJECTIONS:
                 raise ValueError(f"unknown projection {p!r}; expected one of {PROJECTIONS}")
@@ -92,6 +99,11 @@ class ExpertStatsCollector:
         self.heldback_mask: torch.Tensor | None = None
         self.fit_sums: dict[str, torch.Tensor] = {}
         self.fit_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
+        self.fp_target = bool(fp_target)
+        self.fp_hidden: torch.Tensor | None = None
+        self.fp_gate_up: torch.Tensor | None = None
+        self.cross: dict[str, list[torch.Tensor]] = {}  # projection -> [Σ x_q x_qᵀ, Σ x_fp x_qᵀ], pair counts
+        self.cross_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
         self._handle = None
         for p in projections:
             self.enable(p)
@@ -114,6 +126,8 @@ class ExpertStatsCollector:
         self.sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
         if self.heldback:
             self.fit_sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
+        if self.fp_target:
+            self.cross[projection] = [torch.zeros(self.experts.num_experts, d, d, device=self.device) for _ in range(2)]
 
     def attach(self) -> "ExpertStatsCollector":
         if self._handle is None:
@@ -189,13 +203,21 @@ class ExpertStatsCollector:
                 held = call.rows(self.heldback_mask).reshape(-1).to(device=self.device, dtype=torch.bool)
             keep = torch.ones_like(held) if mask is None else mask
             parts = [(keep & ~held, self.fit_sums, self.fit_counts), (keep & held, self.sums, None)]
-        for part_mask, sums, part_counts in parts:
+        xf = None
+        if self.fp_target and self.fp_hidden is not None:
+            xf = self.fp_hidden.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
+            if xf.shape != x.shape:
+                raise ValueError(f"{info.fqn or 'experts module'}: fp_hidden has {tuple(xf.shape)} rows for the call's "
+                                 f"{tuple(x.shape)}")
+        for i, (part_mask, sums, part_counts) in enumerate(parts):
             routed = route_tokens(top_k_index.to(self.device), info.num_experts, token_mask=part_mask,
                                   pair_weights=pair_weights)
             self.counts += routed.counts
             if part_counts is not None:
                 part_counts += routed.counts
-            self._add(sums, routed, x)
+            if i == 0 and xf is not None:  # the tokens that are not held back
+                self.cross_counts += routed.counts
+            self._add(sums, routed, x, xf if i == 0 else None)
 
         if "down_proj" in self.sums:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
@@ -212,18 +234,36 @@ class ExpertStatsCollector:
                     acc = self._down_all[e] = torch.zeros(d, d, device=self.device)
                 add_outer(acc, info.down_input(x_layer, e))
 
-    def _add(self, sums: dict, routed, x: torch.Tensor) -> None:
+    def _add(self, sums: dict, routed, x: torch.Tensor, xf: torch.Tensor | None = None) -> None:
         info = self.experts
         h_gu, h_dn = sums.get("gate_up_proj"), sums.get("down_proj")
+        c_gu, c_dn = (self.cross.get("gate_up_proj"), self.cross.get("down_proj")) if xf is not None else (None, None)
         for e, s, t in routed.segments():
             if e not in self.owned:
                 continue
-            xe = x.index_select(0, routed.token_idx[s:t])  # one expert's tokens at a time (bounded peak memory)
+            rows = routed.token_idx[s:t]
+            xe = x.index_select(0, rows)  # one expert's tokens at a time (bounded peak memory)
             w = None if routed.pair_weights is None else routed.pair_weights[s:t]
             if h_gu is not None:
                 add_outer(h_gu[e], xe, w)
+            if c_gu is not None:
+                _add_pair(c_gu, e, xe, xf.index_select(0, rows), w)
             if h_dn is not None:
-                add_outer(h_dn[e], info.down_input(xe, e), w)
+                ae = info.down_input(xe, e)
+                add_outer(h_dn[e], ae, w)
+                if c_dn is not None:
+                    _add_pair(c_dn, e, ae, self._fp_down_input(xf.index_select(0, rows), e), w)
+
+    def _fp_down_input(self, xf: torch.Tensor, e: int) -> torch.Tensor:
+        """``down_proj``'s input in the full-precision model: ``act(gate)·up`` of the full-precision gate_up."""
+        if self.fp_gate_up is None:
+            raise RuntimeError(f"{self.experts.fqn or 'experts module'}: fp_target needs fp_gate_up for down_proj")
+        info = self.experts
+        gate_up = xf @ self.fp_gate_up[e].to(device=xf.device, dtype=torch.float32).t()
+        b = info.bias("gate_up_proj")
+        if b is not None:
+            gate_up = gate_up + b[e].float()
+        return info.apply_gate(gate_up)
 
     # -- results -----------------------------------------------------------------------------------
 
@@ -283,6 +323,12 @@ class ExpertStatsCollector:
                               token_counts=[int(counts[e]) for e in fallback],
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
                               experts_total=self.experts.num_experts, notes=notes)
+        cross = None
+        if projection in self.cross:
+            hq, c = (reduce_sum(t) for t in self.cross.pop(projection))
+            cc = self.cross_counts.clone()
+            n = cc.clamp(min=1).to(hq.dtype).view(-1, 1, 1)
+            cross = (hq.div_(n), c.div_(n), cc)
         split = None
         if fit_sum is not None:
             fc = self.fit_counts.clone()
@@ -290,4 +336,11 @@ class ExpertStatsCollector:
             for e in set(fallback) | set((fc == 0).nonzero().flatten().tolist()):
                 fit[e] = h[e]
             split = (fit, fc)
-        return ExpertHessians(hessian=h, counts=counts, event=event, split=split)
+        return ExpertHessians(hessian=h, counts=counts, event=event, split=split, cross=cross)
+
+
+def _add_pair(acc: list[torch.Tensor], e: int, xq: torch.Tensor, xf: torch.Tensor, w: torch.Tensor | None) -> None:
+    """``acc[0][e] += x_qᵀ W x_q``, ``acc[1][e] += x_fpᵀ W x_q`` (``W = diag(w)``)."""
+    add_outer(acc[0][e], xq, w)
+    xfw = xf.float() if w is None else xf.float() * w.float().unsqueeze(-1)
+    acc[1][e].addmm_(xfw.t(), xq.float())

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..algorithms.factors import CEJDFactors
+from ..algorithms.fp_target import fp_target_weight
 from ..calibration import ExpertHessians, RouterInputStats
 from ..integrations.transformers import ExpertsInfo
 from ..methods.base import BinarizationConfig, BinarizedExperts, QuantContext
@@ -80,6 +81,10 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
                    downstream_routers: list | None = None, judge=None, plan_memory=None) -> BinarizationRecord:
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
+    if hess is not None and hess.cross is not None:  # fit the full-precision model's outputs (fp_target)
+        hq, c, n = hess.cross
+        few = set(hess.fallback_experts) | set((n < config.min_expert_tokens).nonzero().flatten().tolist())
+        w = fp_target_weight(w, hq, c, config.fp_target_ridge, skip=few)
     if hess is None:
         h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
         ctx = QuantContext(name=name, projection=projection, data_free=True, router_stats=router_stats)

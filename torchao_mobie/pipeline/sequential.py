@@ -23,6 +23,7 @@ from torch import nn
 
 from ..calibration import ExpertStatsCollector, FallbackEvent, LinearStatsCollector, log_fallback_summary
 from ..calibration.activations import ActivationStore, activation_budget
+from ..calibration.fp_shadow import FPShadow
 from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.gradients import GLASCollector
 from ..calibration.heldback import HeldbackLoss, hold_back
@@ -233,14 +234,18 @@ def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: lis
 
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
-               heldloss=None, plan_memory=None) -> None:
+               heldloss=None, plan_memory=None, shadow: FPShadow | None = None) -> None:
     experts = None
     guided = {}
+    fp = shadow is not None and shadow.expert_inputs is not None
     if stage.projections:
         experts = ExpertStatsCollector(layer.moe.experts, stage.projections,
                                        min_expert_tokens=config.min_expert_tokens,
                                        routing_weighted=routing_weighted(config),
-                                       heldback=bool(getattr(config, "needs_heldback", False))).attach()
+                                       heldback=bool(getattr(config, "needs_heldback", False)),
+                                       fp_target=fp).attach()
+        if fp:
+            experts.fp_gate_up = shadow.gate_up
         if glas is not None:
             guided = {p: GLASCollector(layer.moe.experts, (p,), min_expert_tokens=config.min_expert_tokens).attach()
                       for p in stage.projections}
@@ -252,6 +257,8 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
                 c.token_mask = b.token_mask
             if experts is not None:
                 experts.heldback_mask = torch.full((b.input_ids.numel(),), b.heldback, device=b.input_ids.device)
+                if fp:
+                    experts.fp_hidden = shadow.batch(bi)
             for p, c in guided.items():  # None past the batches with gradients: the collector skips them
                 c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
             layer.module(h, *args, **kwargs)
@@ -354,15 +361,18 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries)
             del boundaries
         heldloss = _heldback_loss(model, layout, calls, batches)
+        shadow = FPShadow(hidden, _layer_output) if getattr(config, "fp_target", False) and experts else None
         plan_memory: dict = {}
         from tqdm.auto import tqdm
 
         for layer in tqdm(layout.layers, desc=f"{type(config).__name__}: layers", disable=not progress):
             events: list[FallbackEvent] = []
+            if shadow is not None:  # before anything of this layer is binarized
+                shadow.advance(layer, calls[layer.index])
             for stage in _stages(layer, scope, true_sequential):
                 _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
                            downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
-                           plan_memory=plan_memory)
+                           plan_memory=plan_memory, shadow=shadow)
             log_fallback_summary(layer.fqn, events)
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
                 _align_router(layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index), config,

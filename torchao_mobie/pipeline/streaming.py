@@ -14,7 +14,10 @@ conversion):
 * GLAS: layer-wise (:mod:`~torchao_mobie.calibration.glas_layerwise`), each layer loaded twice (forward,
   then recompute + backward), boundaries in an :class:`~torchao_mobie.calibration.activations.ActivationStore`;
 * router alignment (``MoBiEConfig.router_align``): the full-precision router logits from one more forward,
-  layer by layer (:func:`_router_targets`);
+  layer by layer (:func:`_fp_pass`);
+* the full-precision target (``MoBiEConfig.fp_target``): each layer is run once at full precision on the
+  shadow's hidden states before it is binarized (:class:`~torchao_mobie.calibration.fp_shadow.FPShadow`); on
+  resume, the shadow's hidden states come from a full-precision forward up to the first layer left;
 * the sequential pass: layer ``i`` loaded, calibrated and binarized stage by stage from the activations the
   already-binarized layers produced, run once more to produce layer ``i+1``'s inputs, packed, written as
   its own shard, and freed (back to meta). The held-back judge of the first (probe) layer runs the later
@@ -43,6 +46,7 @@ from torch import nn
 
 from ..calibration import FallbackEvent, log_fallback_summary
 from ..calibration.activations import ActivationStore
+from ..calibration.fp_shadow import FPShadow
 from ..calibration.glas_layerwise import forward_boundaries, layerwise_glas_weights, lm_loss_sum
 from ..calibration.heldback import HeldbackLoss, hold_back
 from ..calibration.router_align import RouterTargets
@@ -183,17 +187,19 @@ def _capture_calls(model: nn.Module, layout, batches):
 
 
 @torch.no_grad()
-def _router_targets(layers: "_Layers", layout, hidden, calls) -> dict:
-    """Every MoE router's full-precision logits per calibration batch (router alignment): the forward
-    :func:`~.sequential.capture_layer_inputs` makes in memory, one layer loaded at a time up to the last MoE
-    layer. Run again on resume (the later layers' targets need every earlier layer's full-precision output)."""
-    last = max((layer.index for layer in layout.layers if layer.moe is not None), default=-1)
-    h = list(hidden)
-    with RouterTargets(layout) as targets:
-        for i in range(last + 1):
+def _fp_pass(layers: "_Layers", layout, hidden, calls, upto: int, routers: bool, keep: int = 0):
+    """The full-precision forward of layers ``0..upto-1``, one loaded at a time. Returns the hidden states at
+    layer boundary ``keep`` (the full-precision target's shadow, when resuming after layer ``keep - 1``) and,
+    with ``routers``, every MoE router's full-precision logits per calibration batch (router alignment: the
+    forward :func:`~.sequential.capture_layer_inputs` makes in memory). Run again on resume."""
+    h, kept = list(hidden), list(hidden)
+    with RouterTargets(layout if routers else None) as targets:
+        for i in range(upto):
             with layers.open(i) as (module, _):
                 h = [_layer_output(module(x, *args, **kwargs)) for x, (args, kwargs) in zip(h, calls[i])]
-    return targets.logits
+            if i + 1 == keep:
+                kept = h
+    return kept, targets.logits
 
 
 def _materialize_names(model: nn.Module, ckpt: HubCheckpoint, names) -> None:
@@ -325,8 +331,16 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                 glas = layerwise_glas_weights(layers, batches[:n], [c[:n] for c in calls], store,
                                               lambda h, b: lm_loss_sum(head(h), b), power=config.glas_power)
             state.save_glas(glas)
-    targets = _router_targets(layers, layout, hidden, calls) if (
-        getattr(config, "router_align", False) and experts and done < n_layers) else {}
+    align = bool(getattr(config, "router_align", False) and experts and done < n_layers)
+    shadow = FPShadow(hidden, _layer_output) if getattr(config, "fp_target", False) and experts and done < n_layers \
+        else None
+    targets = {}
+    upto = max(1 + max((layer.index for layer in layout.layers if layer.moe is not None), default=-1) if align else 0,
+               done if shadow is not None else 0)
+    if upto:
+        shadow_hidden, targets = _fp_pass(layers, layout, hidden, calls, upto, align, keep=done)
+        if shadow is not None:
+            shadow.hidden = shadow_hidden
     if 0 < done < n_layers:
         hidden = state.resume_hidden([h.device for h in hidden])
     plan_memory = state.plan_memory()
@@ -341,9 +355,12 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
         try:
             with torch.no_grad():
                 events: list[FallbackEvent] = []
+                if shadow is not None:
+                    shadow.advance(layer, calls[layer.index])
                 for stage in _stages(layer, scope, true_sequential):
                     _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
-                               downstream=downstream[layer.index], heldloss=heldloss, plan_memory=plan_memory)
+                               downstream=downstream[layer.index], heldloss=heldloss, plan_memory=plan_memory,
+                               shadow=shadow)
                 log_fallback_summary(layer.fqn, events)
                 if layer.index in targets:
                     _align_router(layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config,
