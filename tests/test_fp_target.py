@@ -14,7 +14,7 @@ import torchao_mobie as tm
 from torchao_mobie.algorithms.fp_target import fp_target_weight
 from torchao_mobie.calibration import ExpertStatsCollector
 from torchao_mobie.integrations.transformers import discover_moe_layout
-from test_pipeline import RecordingConfig, calib, one_thread, tiny_model  # noqa: F401
+from test_pipeline import RecordingConfig, calib, forward_with_hooks, one_thread, tiny_model  # noqa: F401
 
 
 @dataclass
@@ -80,13 +80,7 @@ def _expert_inputs(model, ids):
             lambda m, a, k, fqn=info.fqn: out.setdefault(fqn, []).append(
                 ((a[0] if a else k["hidden_states"]).reshape(-1, m.gate_up_proj.shape[-1]).double(),
                  (a[1] if len(a) > 1 else k["top_k_index"]))), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), 8):
-                model(input_ids=ids[i:i + 8])
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, ids, handles)
     return {k: (torch.cat([a for a, _ in v]), torch.cat([b.reshape(-1, b.shape[-1]) for _, b in v])) for k, v in out.items()}
 
 

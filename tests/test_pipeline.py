@@ -69,6 +69,18 @@ def calib(n: int = 8, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (n, seqlen), generator=g)
 
 
+def forward_with_hooks(model, ids: torch.Tensor, handles: list, batch: int = 8) -> None:
+    """Run ``model`` on ``ids`` in batches of ``batch`` rows without gradients, then remove the hook ``handles``
+    (whatever happens): for tests that read activations through their own hooks."""
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                model(input_ids=ids[i:i + batch])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # ---- test binarizers -------------------------------------------------------------------------------
 
 

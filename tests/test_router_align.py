@@ -11,7 +11,7 @@ import torch
 
 import torchao_mobie as tm
 from torchao_mobie.integrations.transformers import discover_moe_layout
-from test_pipeline import HSignConfig, calib, changed_params, one_thread, tiny_model  # noqa: F401
+from test_pipeline import HSignConfig, calib, changed_params, forward_with_hooks, one_thread, tiny_model  # noqa: F401
 
 
 @dataclass
@@ -29,13 +29,7 @@ def router_logits(model, ids) -> dict[str, torch.Tensor]:
         handles.append(r.register_forward_pre_hook(
             lambda m, a, fqn=layer.moe.router_fqn: out.setdefault(fqn, []).append(
                 a[0].reshape(-1, a[0].shape[-1]).double() @ m.weight.double().T)))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), 8):
-                model(input_ids=ids[i:i + 8])
-    finally:
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, ids, handles)
     return {k: torch.cat(v) for k, v in out.items()}
 
 

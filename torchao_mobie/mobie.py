@@ -134,8 +134,11 @@ class MoBiEConfig(BinarizationConfig):
             the fit (:mod:`torchao_mobie.algorithms.fp_target`), so the binarized layers partly undo the error
             of the ones before them and, for down_proj, of their own gate_up. No storage; one more forward
             per layer. Needs the sequential pass (``quantize_model``, ``quantize_streaming``); the torchao
-            flows observe the full-precision model, where the target is the weight itself.
-        fp_target_ridge: its ridge λ toward ``W``, relative to ``mean(diag H_e)`` per expert.
+            flows observe the full-precision model, where the target is the weight itself. Zoo, 3 seeds
+            (benchmarks/results/fp_target.md), gap off → on: mixtral-8e 0.0246 → 0.0237, qwen2moe-32e-shared
+            0.0169 → 0.0138, olmoe-32e 0.0212 → 0.0177, qwen3moe-32e 0.0231 → 0.0245 (within its seed spread).
+        fp_target_ridge: its ridge λ toward ``W``, relative to ``mean(diag H_e)`` per expert (0.01: the lowest
+            mean zoo gap of 0.001 / 0.01 / 0.1, seed 0).
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
             number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
             2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first

@@ -258,12 +258,7 @@ class ExpertStatsCollector:
         """``down_proj``'s input in the full-precision model: ``act(gate)·up`` of the full-precision gate_up."""
         if self.fp_gate_up is None:
             raise RuntimeError(f"{self.experts.fqn or 'experts module'}: fp_target needs fp_gate_up for down_proj")
-        info = self.experts
-        gate_up = xf @ self.fp_gate_up[e].to(device=xf.device, dtype=torch.float32).t()
-        b = info.bias("gate_up_proj")
-        if b is not None:
-            gate_up = gate_up + b[e].float()
-        return info.apply_gate(gate_up)
+        return self.experts.down_input(xf, e, gate_up=self.fp_gate_up)
 
     # -- results -----------------------------------------------------------------------------------
 

@@ -144,14 +144,14 @@ class ExpertsInfo:
             return self.adapter.call(self.module, args, kwargs)
         return interface_call(args, kwargs)
 
-    def down_input(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+    def down_input(self, x: torch.Tensor, expert: int, gate_up: torch.Tensor | None = None) -> torch.Tensor:
         """Input of ``down_proj`` for rows ``x [n, H]`` routed to ``expert``: ``act(gate) * up``.
 
         Computed in fp32 from the module's *current* ``gate_up_proj`` (so after gate_up has been
-        binarized it is the input the binarized model really feeds to down_proj), with the module's own
-        gating (:meth:`apply_gate`).
+        binarized it is the input the binarized model really feeds to down_proj), or from ``gate_up``
+        (``[E, 2I, H]``, e.g. the full-precision weight), with the module's own gating (:meth:`apply_gate`).
         """
-        w = self.weight("gate_up_proj")[expert].float()
+        w = (self.weight("gate_up_proj") if gate_up is None else gate_up)[expert].float()
         gate_up = x.float() @ w.t()
         b = self.bias("gate_up_proj")
         if b is not None:
