@@ -46,9 +46,14 @@ class ExpertHessians:
         # (mean [E, in, in], counts [E]) over the calibration tokens that were not held back (fallback
         # experts and experts with no such token: the main Hessian), or None
         self.split = split
-        # full-precision target (``fp_hidden``): (mean x_q x_qᵀ [E, in, in], mean x_fp x_qᵀ [E, in, in], counts [E])
-        # over the same tokens (those not held back), or None
+        # full-precision target (``fp_hidden``): mean x_fp x_qᵀ [E, in, in] over the tokens of ``split`` (those not
+        # held back), or of ``hessian`` without a split; None when not collected
         self.cross = cross
+
+    @property
+    def fit_hessian(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean x_q x_qᵀ [E, in, in], counts [E]) over the tokens the fits use: those not held back."""
+        return self.split if self.split is not None else (self.hessian, self.counts)
 
     @property
     def fallback_experts(self) -> list[int]:
@@ -65,8 +70,8 @@ class ExpertStatsCollector:
         over every token); the caller marks the held-back tokens with ``heldback_mask [T]`` before each batch.
     fp_target: also accumulate ``Σ x_fp x_qᵀ`` against the full-precision model's inputs of the same rows, which
         the caller sets as ``fp_hidden [rows, H]`` before each batch (with ``fp_gate_up``, the full-precision
-        ``[E, 2I, H]`` weight, for ``down_proj``'s full-precision inputs); over the tokens not held back
-        (:mod:`~torchao_mobie.algorithms.fp_target`).
+        ``[E, 2I, H]`` weight, for ``down_proj``'s full-precision inputs); over the tokens not held back, the
+        tokens of the fit Hessian (:mod:`~torchao_mobie.algorithms.fp_target`).
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -102,8 +107,7 @@ class ExpertStatsCollector:
         self.fp_target = bool(fp_target)
         self.fp_hidden: torch.Tensor | None = None
         self.fp_gate_up: torch.Tensor | None = None
-        self.cross: dict[str, list[torch.Tensor]] = {}  # projection -> [Σ x_q x_qᵀ, Σ x_fp x_qᵀ], pair counts
-        self.cross_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
+        self.cross: dict[str, torch.Tensor] = {}  # projection -> Σ x_fp x_qᵀ [E, in, in]
         self._handle = None
         for p in projections:
             self.enable(p)
@@ -127,7 +131,7 @@ class ExpertStatsCollector:
         if self.heldback:
             self.fit_sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
         if self.fp_target:
-            self.cross[projection] = [torch.zeros(self.experts.num_experts, d, d, device=self.device) for _ in range(2)]
+            self.cross[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
 
     def attach(self) -> "ExpertStatsCollector":
         if self._handle is None:
@@ -204,7 +208,9 @@ class ExpertStatsCollector:
             keep = torch.ones_like(held) if mask is None else mask
             parts = [(keep & ~held, self.fit_sums, self.fit_counts), (keep & held, self.sums, None)]
         xf = None
-        if self.fp_target and self.fp_hidden is not None:
+        if self.fp_target:
+            if self.fp_hidden is None:  # the cross sums must cover the Hessian's tokens
+                raise RuntimeError(f"{info.fqn or 'experts module'}: fp_target collector called without fp_hidden")
             xf = self.fp_hidden.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
             if xf.shape != x.shape:
                 raise ValueError(f"{info.fqn or 'experts module'}: fp_hidden has {tuple(xf.shape)} rows for the call's "
@@ -215,9 +221,7 @@ class ExpertStatsCollector:
             self.counts += routed.counts
             if part_counts is not None:
                 part_counts += routed.counts
-            if i == 0 and xf is not None:  # the tokens that are not held back
-                self.cross_counts += routed.counts
-            self._add(sums, routed, x, xf if i == 0 else None)
+            self._add(sums, routed, x, xf if i == 0 else None)  # parts[0]: the tokens that are not held back
 
         if "down_proj" in self.sums:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
@@ -247,12 +251,12 @@ class ExpertStatsCollector:
             if h_gu is not None:
                 add_outer(h_gu[e], xe, w)
             if c_gu is not None:
-                _add_pair(c_gu, e, xe, xf.index_select(0, rows), w)
+                _add_cross(c_gu[e], xe, xf.index_select(0, rows), w)
             if h_dn is not None:
                 ae = info.down_input(xe, e)
                 add_outer(h_dn[e], ae, w)
                 if c_dn is not None:
-                    _add_pair(c_dn, e, ae, self._fp_down_input(xf.index_select(0, rows), e), w)
+                    _add_cross(c_dn[e], ae, self._fp_down_input(xf.index_select(0, rows), e), w)
 
     def _fp_down_input(self, xf: torch.Tensor, e: int) -> torch.Tensor:
         """``down_proj``'s input in the full-precision model: ``act(gate)·up`` of the full-precision gate_up."""
@@ -319,11 +323,9 @@ class ExpertStatsCollector:
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
                               experts_total=self.experts.num_experts, notes=notes)
         cross = None
-        if projection in self.cross:
-            hq, c = (reduce_sum(t) for t in self.cross.pop(projection))
-            cc = self.cross_counts.clone()
-            n = cc.clamp(min=1).to(hq.dtype).view(-1, 1, 1)
-            cross = (hq.div_(n), c.div_(n), cc)
+        if projection in self.cross:  # over the tokens of the fit Hessian: the split's, or all without one
+            n = (self.fit_counts if fit_sum is not None else counts).clamp(min=1)
+            cross = reduce_sum(self.cross.pop(projection)).div_(n.to(h.dtype).view(-1, 1, 1))
         split = None
         if fit_sum is not None:
             fc = self.fit_counts.clone()
@@ -334,8 +336,7 @@ class ExpertStatsCollector:
         return ExpertHessians(hessian=h, counts=counts, event=event, split=split, cross=cross)
 
 
-def _add_pair(acc: list[torch.Tensor], e: int, xq: torch.Tensor, xf: torch.Tensor, w: torch.Tensor | None) -> None:
-    """``acc[0][e] += x_qᵀ W x_q``, ``acc[1][e] += x_fpᵀ W x_q`` (``W = diag(w)``)."""
-    add_outer(acc[0][e], xq, w)
+def _add_cross(acc: torch.Tensor, xq: torch.Tensor, xf: torch.Tensor, w: torch.Tensor | None) -> None:
+    """``acc += x_fpᵀ diag(w) x_q`` (the matching ``x_qᵀ diag(w) x_q`` is the Hessian's own sum)."""
     xfw = xf.float() if w is None else xf.float() * w.float().unsqueeze(-1)
-    acc[1][e].addmm_(xfw.t(), xq.float())
+    acc.addmm_(xfw.t(), xq.float())

@@ -82,9 +82,9 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
     if hess is not None and hess.cross is not None:  # fit the full-precision model's outputs (fp_target)
-        hq, c, n = hess.cross
+        hq, n = hess.fit_hessian
         few = set(hess.fallback_experts) | set((n < config.min_expert_tokens).nonzero().flatten().tolist())
-        w = fp_target_weight(w, hq, c, config.fp_target_ridge, skip=few)
+        w = fp_target_weight(w, hq, hess.cross, config.fp_target_ridge, skip=few)
     if hess is None:
         h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
         ctx = QuantContext(name=name, projection=projection, data_free=True, router_stats=router_stats)
