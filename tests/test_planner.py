@@ -241,3 +241,26 @@ def test_judge_is_the_held_back_lm_loss_and_restores_the_weights():
     torch.testing.assert_close(seen["same"], ref, atol=1e-4, rtol=1e-4)
     assert float(seen["noisy"].mean()) > float(seen["same"].mean())
     assert seen["restored"]
+
+
+def test_a_joint_layout_that_loses_after_the_probe_is_not_tried_again():
+    """Layer 0 (the probe) is won by an input-side backbone, layer 1 by per-expert factors: layer 2 only fits
+    per-expert factors, although an input-side backbone would win there again."""
+    g = torch.Generator().manual_seed(2)
+    memory, sides = {}, []
+    import torchao_mobie.algorithms.cejd as cejd_module
+
+    real = cejd_module.cejd_quantize
+    fits = []
+    cejd_module.cejd_quantize = lambda *a, **k: fits.append(k["side"]) or real(*a, **k)
+    try:
+        for layer, kind in enumerate(["shared", "unrelated", "shared"]):
+            H, ctx = _held_back_context(_experts(kind), g, memory=memory, name=f"l{layer}")
+            sides.append(MoBiEConfig(max_bits=1.9).quantize_experts(_experts(kind), H, context=ctx).factors.side)
+            fits.append("|")
+    finally:
+        cejd_module.cejd_quantize = real
+    per_layer = "".join(f[0] for f in fits).split("|")[:3]
+    assert sides == ["input", "none", "none"], sides
+    assert "i" in per_layer[1] and per_layer[2] == "n", per_layer  # layer 1 judged the backbone, layer 2 did not
+    assert memory["weight"] == {"probed": 2, "won": {"none"}}

@@ -112,8 +112,10 @@ class MoBiEConfig(BinarizationConfig):
         select_margin: a joint layout displaces per-expert factors only when its held-back loss is lower by
             more than this many standard errors of the per-sequence difference.
         select_probe: MoE layers (from the first) on which every layout is a candidate; later layers only
-            try the layouts that won a projection of the same kind so far (with per-expert factors winning
-            everywhere on the zoo, the joint fits are then paid once, not per layer).
+            try the layouts that won a projection of the same kind on the probe layers, and drop one as soon
+            as it loses (with per-expert factors winning everywhere on the zoo, the joint fits are then paid
+            once, not per layer; on olmoe-32e an input-side backbone won layer 0's down_proj and lost on the
+            three layers after it, each of which paid two more fits for that).
         select_refit: fit the chosen layout again on every calibration sequence (else keep its fit on
             the three quarters).
         router_align: refit each MoE router (kept in full precision) after its layer's experts are binarized,

@@ -6,6 +6,9 @@ layer being binarized. Storing them for every layer from the capture forward wou
 MoE layer; instead the shadow keeps the full-precision hidden states of one layer boundary and, before a
 layer's first stage is binarized, runs that layer (still in full precision) on them: this records the experts
 module's inputs per batch and moves the shadow to the next boundary. Cost: one more forward of each layer.
+When layer-wise GLAS ran on every calibration batch it has recomputed each layer in full precision already
+(:func:`~.glas_layerwise.layerwise_glas_weights` ``expert_inputs``); the shadow then takes those inputs and
+runs nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ class FPShadow:
     """Full-precision hidden states at the current layer boundary (one tensor per calibration batch).
 
     After :meth:`advance` on an MoE layer: ``expert_inputs`` (the experts module's input rows per batch, fp32)
-    and ``gate_up`` (the full-precision ``gate_up_proj`` ``[E, 2I, H]``, for ``down_proj``'s inputs)."""
+    and ``gate_up`` (the full-precision ``gate_up_proj`` ``[E, 2I, H]``, for ``down_proj``'s inputs).
 
-    def __init__(self, hidden: list[torch.Tensor], output_of: Callable):
-        self.hidden = list(hidden)
+    ``recorded``: every MoE layer's expert inputs per batch, keyed by experts fqn, from a pass that already
+    ran the full-precision layers (layer-wise GLAS over every batch); :meth:`advance` then hands them out (and
+    frees each layer's) instead of running the layer, and the shadow keeps no hidden states."""
+
+    def __init__(self, hidden: list[torch.Tensor], output_of: Callable, recorded: dict | None = None):
+        self.recorded = recorded
+        self.hidden = None if recorded is not None else list(hidden)
         self.output_of = output_of
         self.expert_inputs: list[torch.Tensor] | None = None
         self.gate_up: torch.Tensor | None = None
@@ -37,6 +45,15 @@ class FPShadow:
         seen: list[torch.Tensor] = []
         handle = None
         self.expert_inputs = self.gate_up = None
+        if self.recorded is not None:
+            if info is not None:
+                seen = self.recorded.pop(info.fqn, [])
+                if len(seen) != len(calls):
+                    raise RuntimeError(f"{info.fqn}: {len(seen)} recorded full-precision expert inputs for {len(calls)} "
+                                       "calibration batches")
+                self.gate_up = info.weight("gate_up_proj").detach().clone()
+                self.expert_inputs = seen
+            return
         if info is not None:
             self.gate_up = info.weight("gate_up_proj").detach().clone()
             handle = info.module.register_forward_pre_hook(

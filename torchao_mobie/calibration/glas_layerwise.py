@@ -73,11 +73,15 @@ def forward_boundaries(layers, hidden: list, calls, store) -> None:
         store.put(i + 1, h)
 
 
-def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: float = 1.0) -> GLASWeights:
+def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: float = 1.0,
+                           expert_inputs: dict | None = None) -> GLASWeights:
     """GLAS pair weights of every MoE layer from stored boundaries ``store[0 … L]`` (:func:`forward_boundaries`).
 
     ``head_loss(h_L, batch)``: the scalar loss from the last layer's output (final norm, LM head,
     :func:`lm_loss_sum`). Returns :class:`~.gradients.GLASWeights` keyed by experts fqn, one entry per batch.
+    ``expert_inputs``: when given, also filled with every experts module's full-precision input rows per batch
+    (fp32 ``[N, H]``, keyed by fqn): the recomputation has them anyway, and the full-precision target
+    (:class:`~.fp_shadow.FPShadow`) would otherwise run each layer once more to get them.
     """
     n_layers = len(layers)
     index, wgu, wdn = {}, {}, {}
@@ -94,7 +98,8 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
                 grads.append(h.grad)
         for i in reversed(range(n_layers)):
             with layers.open(i) as (module, info):
-                grads = _layer_backward(module, info, store.get(i), calls[i], grads, power, index, wgu, wdn)
+                grads = _layer_backward(module, info, store.get(i), calls[i], grads, power, index, wgu, wdn,
+                                        expert_inputs)
             store.drop(i + 1)
     finally:
         if on_cpu:
@@ -103,7 +108,7 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
     return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})
 
 
-def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn):
+def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, expert_inputs=None):
     """Recompute one layer per batch from its stored input, backpropagate ``grads``, collect its pair
     weights; returns the gradients at its inputs."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
@@ -131,6 +136,8 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn):
                 gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
                                                tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
                 index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
+                if expert_inputs is not None:
+                    expert_inputs.setdefault(info.fqn, []).append(hs.float().reshape(-1, H))
                 wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
                 wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
             saved.clear()

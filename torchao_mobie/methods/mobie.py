@@ -117,7 +117,10 @@ def quantize_experts(cfg, W3d, H3d, context: QuantContext | None = None) -> Bina
             res = None
         if memory is not None:
             memory["probed"] += 1
-            memory["won"].add(plan.side)
+            # past the probe layers a joint layout stays a candidate only while it keeps winning: one that
+            # lost to the layouts judged beside it is not fit again on the deeper layers
+            memory["won"] = (memory["won"] | {plan.side}) if memory["probed"] <= cfg.select_probe \
+                else {"none", plan.side}
     else:
         plan = plans[0]
     if res is None:

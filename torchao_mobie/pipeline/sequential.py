@@ -148,10 +148,12 @@ def lm_head_of(model: nn.Module):
     return lambda h: lm_head(norm(h))
 
 
-def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls, boundaries=None):
+def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls, boundaries=None,
+                    expert_inputs: dict | None = None):
     """GLAS pair weights of the leading ``glas_samples`` batches, layer by layer
     (:mod:`~torchao_mobie.calibration.glas_layerwise`: equal to the whole-model backward pass).
-    ``boundaries``: those batches' layer boundaries kept by :func:`capture_layer_inputs` (else recomputed)."""
+    ``boundaries``: those batches' layer boundaries kept by :func:`capture_layer_inputs` (else recomputed);
+    ``expert_inputs``: filled with the full-precision expert inputs of those batches (for :class:`FPShadow`)."""
     head = lm_head_of(model)
     if head is None:
         raise ValueError(f"{type(model).__name__}: GLAS needs the LM loss, so the model with its LM head "
@@ -167,7 +169,7 @@ def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, call
         else:
             forward_boundaries(layers, hidden[:n], calls_n, store)
         return layerwise_glas_weights(layers, batches[:n], calls_n, store, lambda h, b: lm_loss_sum(head(h), b),
-                                      power=config.glas_power)
+                                      power=config.glas_power, expert_inputs=expert_inputs)
 
 
 def _layer_output(out):
@@ -232,9 +234,20 @@ def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: lis
     return HeldbackLoss([layer.module for layer in layout.layers], calls, batches, head, _layer_output)
 
 
+class _StopLayer(Exception):
+    """Raised by the gate_up stage's last experts hook: the rest of the layer's forward is not needed."""
+
+
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
-               heldloss=None, plan_memory=None, shadow: FPShadow | None = None) -> None:
+               heldloss=None, plan_memory=None, shadow: FPShadow | None = None, replay: list | None = None) -> list | None:
+    """Collect one stage's statistics over the calibration batches, then binarize its parameters.
+
+    Returns the experts module's calls per batch (its forward arguments) when the stage binarized
+    ``gate_up_proj`` alone: nothing upstream of the experts changed, so the ``down_proj`` stage gets them as
+    ``replay`` and feeds its collectors those calls instead of running the layer again (same inputs, same
+    routing; the layer forward was a third of that stage's time). Such a stage also stops each forward at the
+    experts' inputs: the experts and what follows them feed no statistic of it."""
     experts = None
     guided = {}
     fp = shadow is not None and shadow.expert_inputs is not None
@@ -251,6 +264,16 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
                       for p in stage.projections}
     linears = [LinearStatsCollector(li.module, li.fqn).attach() for li in stage.linears]
     collectors = ([experts] if experts else []) + linears + list(guided.values())
+    replay = replay if experts is not None and not linears and replay is not None and len(replay) == len(hidden) \
+        else None
+    record = [] if stage.projections == ("gate_up_proj",) and not linears else None
+
+    def keep_call(module, args, kwargs):  # after the collectors' hooks: nothing past the experts' inputs is needed
+        record.append((args, kwargs))
+        raise _StopLayer
+
+    rec_handle = None if record is None else layer.moe.experts.module.register_forward_pre_hook(keep_call,
+                                                                                               with_kwargs=True)
     try:
         for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
             for c in collectors:
@@ -261,10 +284,19 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
                     experts.fp_hidden = shadow.batch(bi)
             for p, c in guided.items():  # None past the batches with gradients: the collector skips them
                 c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
-            layer.module(h, *args, **kwargs)
+            if replay is None:
+                try:
+                    layer.module(h, *args, **kwargs)
+                except _StopLayer:
+                    pass
+            else:
+                for c in [experts, *guided.values()]:  # the hooks the experts module would have called
+                    c._hook(layer.moe.experts.module, *replay[bi])
     finally:
         for c in collectors:
             c.detach()
+        if rec_handle is not None:
+            rec_handle.remove()
 
     for li, c in zip(stage.linears, linears):
         report.parameters[f"{li.fqn}.weight"] = apply_linear(li.module, c.finalize(), config, li.fqn).bits
@@ -287,6 +319,7 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
             if hess.event.experts:
                 report.fallback_events.append(hess.event)
             del hess
+    return record if record is not None and len(record) == len(hidden) else None
 
 
 @torch.no_grad()
@@ -357,11 +390,15 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
                                                                  record=_glas_batches(config, batches))
             else:
                 hidden, calls = capture_layer_inputs(model, layout, batches)
+        fp_target = getattr(config, "fp_target", False) and experts
+        recorded = None
         if getattr(config, "needs_gradients", False) and experts:
-            glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries)
+            # GLAS over every batch recomputes each layer in full precision: the shadow takes its expert inputs
+            recorded = {} if fp_target and _glas_batches(config, batches) == len(batches) else None
+            glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries, expert_inputs=recorded)
             del boundaries
         heldloss = _heldback_loss(model, layout, calls, batches)
-        shadow = FPShadow(hidden, _layer_output) if getattr(config, "fp_target", False) and experts else None
+        shadow = FPShadow(hidden, _layer_output, recorded) if fp_target else None
         plan_memory: dict = {}
         from tqdm.auto import tqdm
 
@@ -369,10 +406,12 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             events: list[FallbackEvent] = []
             if shadow is not None:  # before anything of this layer is binarized
                 shadow.advance(layer, calls[layer.index])
+            replay = None
             for stage in _stages(layer, scope, true_sequential):
-                _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
-                           downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
-                           plan_memory=plan_memory, shadow=shadow)
+                replay = _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events,
+                                    glas=glas, downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
+                                    plan_memory=plan_memory, shadow=shadow, replay=replay)
+            del replay
             log_fallback_summary(layer.fqn, events)
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
                 _align_router(layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index), config,

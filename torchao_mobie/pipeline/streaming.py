@@ -357,10 +357,12 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                 events: list[FallbackEvent] = []
                 if shadow is not None:
                     shadow.advance(layer, calls[layer.index])
+                replay = None
                 for stage in _stages(layer, scope, true_sequential):
-                    _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events, glas=glas,
-                               downstream=downstream[layer.index], heldloss=heldloss, plan_memory=plan_memory,
-                               shadow=shadow)
+                    replay = _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events,
+                                        glas=glas, downstream=downstream[layer.index], heldloss=heldloss,
+                                        plan_memory=plan_memory, shadow=shadow, replay=replay)
+                del replay
                 log_fallback_summary(layer.fqn, events)
                 if layer.index in targets:
                     _align_router(layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config,

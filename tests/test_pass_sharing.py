@@ -1,0 +1,66 @@
+"""Passes quantize_model shares instead of repeating (quantization time, issue 16): the down_proj stage replays
+the experts calls its gate_up stage saw instead of running the layer again, and the full-precision target takes
+the expert inputs layer-wise GLAS recomputed instead of running each layer once more. Both must leave every
+binarized byte as the unshared passes do, and must really skip the forwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import torchao_mobie as tm
+from torchao_mobie.calibration.fp_shadow import FPShadow
+from torchao_mobie.pipeline import sequential
+from test_pipeline import calib, one_thread, tiny_model  # noqa: F401
+
+
+def _quantize(model, monkeypatch, *, replay: bool, recorded: bool, **cfg) -> tuple[dict, int]:
+    """The binarized state dict and the number of decoder-layer forwards of one quantize_model run."""
+    with monkeypatch.context() as m:
+        if not replay:
+            run = sequential._run_stage
+            m.setattr(sequential, "_run_stage", lambda *a, **k: run(*a, **{**k, "replay": None}))
+        if not recorded:
+            m.setattr(sequential, "FPShadow", lambda hidden, output_of, rec=None: FPShadow(hidden, output_of))
+        calls = [0]
+        layers = model.model.layers
+        handles = [layer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for layer in layers]
+        try:
+            tm.quantize_model(model, tm.MoBiEConfig(packed=False, **cfg), calib(n=8, seqlen=16), progress=False,
+                              batch_size=4)
+        finally:
+            for h in handles:
+                h.remove()
+    return {k: v.clone() for k, v in model.state_dict().items()}, calls[0]
+
+
+def _n_batches() -> int:
+    """quantize_model's calibration batches (the held-back split makes more than 8 rows / 4)."""
+    batches = sequential.calibration_batches(calib(n=8, seqlen=16), 4, torch.device("cpu"))
+    return len(sequential.hold_back(batches, sequential.CalibrationBatch))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_shared_passes_binarize_the_same_bytes_with_fewer_forwards(family, monkeypatch):
+    fp = tiny_model(family, layers=2)
+    base, n_base = _quantize(copy.deepcopy(fp), monkeypatch, replay=False, recorded=False)
+    for replay, recorded in [(True, False), (False, True), (True, True)]:
+        got, n = _quantize(copy.deepcopy(fp), monkeypatch, replay=replay, recorded=recorded)
+        assert base.keys() == got.keys()
+        diff = [k for k in base if not torch.equal(base[k], got[k])]
+        assert not diff, (replay, recorded, diff[:4])
+        moe_layers = sum(1 for layer in fp.model.layers if hasattr(layer.mlp, "experts"))
+        # per calibration batch: the replay saves a forward of every MoE layer, the recorded inputs one of every
+        # layer (the shadow also carried its hidden states through dense layers)
+        saved = _n_batches() * (moe_layers * int(replay) + len(fp.model.layers) * int(recorded))
+        assert n_base - n == saved, (replay, recorded, n_base, n)
+
+
+def test_the_shadow_runs_its_layers_when_glas_covers_part_of_the_batches(monkeypatch):
+    """``glas_samples`` below the calibration set: the recomputation misses batches, so the shadow runs."""
+    fp = tiny_model("qwen3_moe", layers=2)
+    base, n_base = _quantize(copy.deepcopy(fp), monkeypatch, replay=True, recorded=False, glas_samples=4)
+    got, n = _quantize(copy.deepcopy(fp), monkeypatch, replay=True, recorded=True, glas_samples=4)
+    assert n == n_base and all(torch.equal(base[k], got[k]) for k in base)
