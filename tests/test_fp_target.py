@@ -23,6 +23,12 @@ class FPRecording(RecordingConfig):
     fp_target_ridge: float = 0.05
 
 
+@dataclass
+class FPHeldRecording(FPRecording):
+    """With held-back sequences (every 4th), as MoBiE's layout selection has them."""
+    needs_heldback = True
+
+
 def test_fp_target_weight_is_the_ridge_least_squares_solution():
     g = torch.Generator().manual_seed(0)
     E, out, d, n = 3, 5, 6, 40
@@ -85,12 +91,24 @@ def _expert_inputs(model, ids):
     return {k: (torch.cat([a for a, _ in v]), torch.cat([b.reshape(-1, b.shape[-1]) for _, b in v])) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
-def test_each_projection_is_fit_to_the_full_precision_output(family):
+def _target(W, a, f, ridge):
+    Hq, C = a.T @ a / len(a), f.T @ a / len(a)
+    lam = ridge * float(Hq.detach().diagonal().mean())
+    eye = torch.eye(len(Hq), dtype=torch.float64)
+    return torch.linalg.solve(Hq + lam * eye, (W @ (C + lam * eye)).T).T
+
+
+@pytest.mark.parametrize("family,held", [("qwen3_moe", False), ("mixtral", False), ("deepseek_v3", False),
+                                         ("qwen3_moe", True), ("deepseek_v3", True)])
+def test_each_projection_is_fit_to_the_full_precision_output(family, held):
+    """The weight passed to the method is the target over every calibration token; with held-back sequences
+    the candidates' target (``QuantContext.fit_weight``) is the one over the sequences not held back."""
     fp = tiny_model(family, layers=3)
     ids = calib(16)
+    seq = torch.arange(ids.numel()) // ids.shape[1]  # the calibration sequence of each token row
+    fit_rows = seq % 4 != 3  # heldback.hold_back: every 4th sequence
     q = copy.deepcopy(fp)
-    cfg = FPRecording(min_expert_tokens=1)
+    cfg = (FPHeldRecording if held else FPRecording)(min_expert_tokens=1)
     tm.quantize_model(q, cfg, ids, progress=False)
     ref, got = _expert_inputs(fp, ids), _expert_inputs(q, ids)  # q's later inputs are the ones it was fit on
     infos = {i.fqn: i for i in discover_moe_layout(fp).experts()}
@@ -99,7 +117,8 @@ def test_each_projection_is_fit_to_the_full_precision_output(family):
         info, (xf, _), (xq, idx) = infos[fqn], ref[fqn], got[fqn]
         for p in ("gate_up_proj", "down_proj"):
             W = info.weight(p).detach().double()
-            passed = cfg.calls[f"{fqn}.{p}"][0].double()
+            passed, ctx = cfg.calls[f"{fqn}.{p}"][0].double(), cfg.calls[f"{fqn}.{p}"][2]
+            assert (ctx.fit_weight is not None) == held
             for e in range(info.num_experts):
                 rows = (idx == e).any(-1)
                 if not bool(rows.any()):  # no token: a fallback Hessian, left as it is
@@ -110,11 +129,13 @@ def test_each_projection_is_fit_to_the_full_precision_output(family):
                     a, f = qinfos[fqn].down_input(a, e).double(), info.down_input(f, e).double()
                 else:
                     a, f = a.double(), f.double()
-                Hq, C = a.T @ a / len(a), f.T @ a / len(a)
-                lam = cfg.fp_target_ridge * float(Hq.detach().diagonal().mean())
-                eye = torch.eye(len(Hq), dtype=torch.float64)
-                want = torch.linalg.solve(Hq + lam * eye, (W[e] @ (C + lam * eye)).T).T
-                torch.testing.assert_close(passed[e], want, rtol=2e-3, atol=2e-4)
+                torch.testing.assert_close(passed[e], _target(W[e], a, f, cfg.fp_target_ridge), rtol=2e-3, atol=2e-4)
+                if held:
+                    keep = fit_rows[rows]
+                    want = _target(W[e], a[keep], f[keep], cfg.fp_target_ridge)
+                    torch.testing.assert_close(ctx.fit_weight[e].double(), want, rtol=2e-3, atol=2e-4)
+                    if k > 0 or p == "down_proj":
+                        assert not torch.allclose(ctx.fit_weight[e].double(), passed[e], rtol=1e-3, atol=1e-4)
             if k == 0 and p == "gate_up_proj":  # nothing binarized before it: the weight itself
                 torch.testing.assert_close(passed, W, rtol=1e-4, atol=1e-5)
             elif k > 0 or p == "down_proj":

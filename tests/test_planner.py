@@ -264,3 +264,25 @@ def test_a_joint_layout_that_loses_after_the_probe_is_not_tried_again():
     assert sides == ["input", "none", "none"], sides
     assert "i" in per_layer[1] and per_layer[2] == "n", per_layer  # layer 1 judged the backbone, layer 2 did not
     assert memory["weight"] == {"probed": 2, "won": {"none"}}
+
+
+def test_candidates_fit_the_fit_weight_and_the_final_fit_the_passed_weight():
+    """fp_target with held-back sequences: the candidates approximate ``context.fit_weight`` (the target over the
+    sequences not held back), the fit on every sequence approximates the weight passed (over every token)."""
+    import dataclasses
+
+    import torchao_mobie.algorithms.cejd as cejd_module
+
+    g = torch.Generator().manual_seed(2)
+    W = _experts("shared")
+    H, ctx = _held_back_context(W, g)
+    fit_weight = W + 0.01 * torch.randn(W.shape, generator=g)
+    ctx = dataclasses.replace(ctx, fit_weight=fit_weight)
+    real, seen = cejd_module.cejd_quantize, []
+    cejd_module.cejd_quantize = lambda Wx, Hx, **k: seen.append(Wx) or real(Wx, Hx, **k)
+    try:
+        MoBiEConfig(max_bits=1.9).quantize_experts(W, H, context=ctx)
+    finally:
+        cejd_module.cejd_quantize = real
+    assert len(seen) >= 3  # at least two candidates, then the final fit
+    assert all(torch.equal(x, fit_weight) for x in seen[:-1]) and torch.equal(seen[-1], W)

@@ -141,6 +141,10 @@ class MoBiEConfig(BinarizationConfig):
             0.0169 → 0.0138, olmoe-32e 0.0212 → 0.0177, qwen3moe-32e 0.0231 → 0.0245 (within its seed spread).
         fp_target_ridge: its ridge λ toward ``W``, relative to ``mean(diag H_e)`` per expert (0.01: the lowest
             mean zoo gap of 0.001 / 0.01 / 0.1, seed 0).
+        fp_target_refit: with held-back sequences (``select``), the candidates are fit to the target over
+            the tokens not held back (the judge's sequences must stay out of sample); the final fit on every
+            token (``select_refit``, and every projection with one candidate) is fit to the target over every
+            token. False: the not-held-back target everywhere (before 2026-12-02).
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
             number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
             2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first
@@ -188,12 +192,13 @@ class MoBiEConfig(BinarizationConfig):
     router_align_judge: bool = False
     fp_target: bool = True
     fp_target_ridge: float = 0.01
+    fp_target_refit: bool = True
 
     def __post_init__(self):
         super().__post_init__()
         n = "MoBiEConfig"
         for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit", "router_align",
-                  "router_align_judge", "fp_target"):
+                  "router_align_judge", "fp_target", "fp_target_refit"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
         if self.side not in ("auto", "input", "output"):

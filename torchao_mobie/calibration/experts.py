@@ -39,7 +39,8 @@ class ExpertHessians:
     fallback: the experts that use the layer-level Hessian, with the event describing it.
     """
 
-    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent, split=None, cross=None):
+    def __init__(self, hessian: torch.Tensor, counts: torch.Tensor, event: FallbackEvent, split=None, cross=None,
+                 cross_all=None):
         self.hessian = hessian
         self.counts = counts
         self.event = event
@@ -49,6 +50,8 @@ class ExpertHessians:
         # full-precision target (``fp_hidden``): mean x_fp x_qᵀ [E, in, in] over the tokens of ``split`` (those not
         # held back), or of ``hessian`` without a split; None when not collected
         self.cross = cross
+        # with a split: the same mean over every token (those of ``hessian``), for the fit after the selection
+        self.cross_all = cross_all
 
     @property
     def fit_hessian(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +110,8 @@ class ExpertStatsCollector:
         self.fp_target = bool(fp_target)
         self.fp_hidden: torch.Tensor | None = None
         self.fp_gate_up: torch.Tensor | None = None
-        self.cross: dict[str, torch.Tensor] = {}  # projection -> Σ x_fp x_qᵀ [E, in, in]
+        self.cross: dict[str, torch.Tensor] = {}  # projection -> Σ x_fp x_qᵀ [E, in, in] (tokens not held back)
+        self.cross_held: dict[str, torch.Tensor] = {}  # the same over the held-back tokens
         self._handle = None
         for p in projections:
             self.enable(p)
@@ -132,6 +136,8 @@ class ExpertStatsCollector:
             self.fit_sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
         if self.fp_target:
             self.cross[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
+            if self.heldback:
+                self.cross_held[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
 
     def attach(self) -> "ExpertStatsCollector":
         if self._handle is None:
@@ -221,7 +227,7 @@ class ExpertStatsCollector:
             self.counts += routed.counts
             if part_counts is not None:
                 part_counts += routed.counts
-            self._add(sums, routed, x, xf if i == 0 else None)  # parts[0]: the tokens that are not held back
+            self._add(sums, routed, x, xf, self.cross if i == 0 else self.cross_held)  # parts[0]: not held back
 
         if "down_proj" in self.sums:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
@@ -238,10 +244,10 @@ class ExpertStatsCollector:
                     acc = self._down_all[e] = torch.zeros(d, d, device=self.device)
                 add_outer(acc, info.down_input(x_layer, e))
 
-    def _add(self, sums: dict, routed, x: torch.Tensor, xf: torch.Tensor | None = None) -> None:
+    def _add(self, sums: dict, routed, x: torch.Tensor, xf: torch.Tensor | None = None, cross: dict | None = None) -> None:
         info = self.experts
         h_gu, h_dn = sums.get("gate_up_proj"), sums.get("down_proj")
-        c_gu, c_dn = (self.cross.get("gate_up_proj"), self.cross.get("down_proj")) if xf is not None else (None, None)
+        c_gu, c_dn = (cross.get("gate_up_proj"), cross.get("down_proj")) if xf is not None and cross else (None, None)
         for e, s, t in routed.segments():
             if e not in self.owned:
                 continue
@@ -322,10 +328,14 @@ class ExpertStatsCollector:
                               token_counts=[int(counts[e]) for e in fallback],
                               min_expert_tokens=self.min_expert_tokens, layer_tokens=self.layer_tokens,
                               experts_total=self.experts.num_experts, notes=notes)
-        cross = None
+        cross = cross_all = None
         if projection in self.cross:  # over the tokens of the fit Hessian: the split's, or all without one
             n = (self.fit_counts if fit_sum is not None else counts).clamp(min=1)
-            cross = reduce_sum(self.cross.pop(projection)).div_(n.to(h.dtype).view(-1, 1, 1))
+            c_fit = reduce_sum(self.cross.pop(projection))
+            held = self.cross_held.pop(projection, None)
+            if fit_sum is not None and held is not None:  # and over every token, as the Hessian
+                cross_all = (c_fit + reduce_sum(held)).div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
+            cross = c_fit.div_(n.to(h.dtype).view(-1, 1, 1))
         split = None
         if fit_sum is not None:
             fc = self.fit_counts.clone()
@@ -333,7 +343,7 @@ class ExpertStatsCollector:
             for e in set(fallback) | set((fc == 0).nonzero().flatten().tolist()):
                 fit[e] = h[e]
             split = (fit, fc)
-        return ExpertHessians(hessian=h, counts=counts, event=event, split=split, cross=cross)
+        return ExpertHessians(hessian=h, counts=counts, event=event, split=split, cross=cross, cross_all=cross_all)
 
 
 def _add_cross(acc: torch.Tensor, xq: torch.Tensor, xf: torch.Tensor, w: torch.Tensor | None) -> None:

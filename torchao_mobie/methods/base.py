@@ -77,6 +77,8 @@ class QuantContext:
     sibling_bits: all-inclusive bits per weight of the module's gate_up_proj when down_proj comes after it
         (a layer-level bit budget is shared).
     plan_memory: a dict shared by every call of one sequential pass, for choices that carry over layers.
+    fit_weight: the weight the candidate fits on ``calibration_split`` approximate, when it is not the one
+        passed (the full-precision target over the tokens not held back; the passed one is over every token).
     """
 
     name: str = ""
@@ -91,6 +93,7 @@ class QuantContext:
     judge: object | None = None
     sibling_bits: float | None = None
     plan_memory: dict | None = None
+    fit_weight: torch.Tensor | None = None
 
 
 #: called with every new BinarizationConfig subclass (torchao_mobie.registrations adds its torchao handler)

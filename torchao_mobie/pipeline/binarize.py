@@ -81,10 +81,15 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
                    downstream_routers: list | None = None, judge=None, plan_memory=None) -> BinarizationRecord:
     w = info.weight(projection).detach().float()
     e, _, d = w.shape
+    w_fit = None
     if hess is not None and hess.cross is not None:  # fit the full-precision model's outputs (fp_target)
         hq, n = hess.fit_hessian
         few = set(hess.fallback_experts) | set((n < config.min_expert_tokens).nonzero().flatten().tolist())
-        w = fp_target_weight(w, hq, hess.cross, config.fp_target_ridge, skip=few)
+        w_fit = fp_target_weight(w, hq, hess.cross, config.fp_target_ridge, skip=few)
+        # the candidates of a held-back selection are fit on the tokens not held back, so to that target; the
+        # final fit uses every token (select_refit), so the target over every token
+        w = w_fit if hess.cross_all is None or not getattr(config, "fp_target_refit", True) else \
+            fp_target_weight(w, hess.hessian, hess.cross_all, config.fp_target_ridge, skip=few)
     if hess is None:
         h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
         ctx = QuantContext(name=name, projection=projection, data_free=True, router_stats=router_stats)
@@ -94,7 +99,7 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
                            fallback_experts=hess.fallback_experts, router_stats=router_stats,
                            guided_hessian=guided_hessian, downstream_routers=list(downstream_routers or []),
                            calibration_split=hess.split, judge=judge, sibling_bits=_sibling_bits(info, projection),
-                           plan_memory=plan_memory)
+                           plan_memory=plan_memory, fit_weight=None if w_fit is w else w_fit)
     if hess is None:
         res = config.quantize_experts(w, h3d, context=ctx)
     else:
