@@ -27,6 +27,7 @@ class FPRecording(RecordingConfig):
 class FPHeldRecording(FPRecording):
     """With held-back sequences (every 4th), as MoBiE's layout selection has them."""
     needs_heldback = True
+    fp_target_refit: bool | None = True
 
 
 def test_fp_target_weight_is_the_ridge_least_squares_solution():
@@ -154,3 +155,14 @@ def test_off_fits_the_weight_itself_and_default_is_on():
     for info in discover_moe_layout(fp).experts():
         for p in ("gate_up_proj", "down_proj"):
             assert torch.equal(cfg.calls[f"{info.fqn}.{p}"][0], info.weight(p).detach().float())
+
+
+def test_the_refit_target_is_for_fine_grained_layers_by_default():
+    """``fp_target_refit=None``: the target over every token on layers with 16 or more experts only (the zoo's
+    coarse model got worse with it); on the tiny 4-expert model every projection keeps the candidates' target."""
+    assert tm.MoBiEConfig().fp_target_refit is None
+    with pytest.raises(ValueError, match="fp_target_refit"):
+        tm.MoBiEConfig(fp_target_refit="on")
+    cfg = FPHeldRecording(min_expert_tokens=1, fp_target_refit=None)
+    tm.quantize_model(copy.deepcopy(tiny_model("qwen3_moe", layers=2)), cfg, calib(16), progress=False)
+    assert cfg.calls and all(ctx.fit_weight is None for _, _, ctx in cfg.calls.values())

@@ -142,9 +142,12 @@ class MoBiEConfig(BinarizationConfig):
         fp_target_ridge: its ridge λ toward ``W``, relative to ``mean(diag H_e)`` per expert (0.01: the lowest
             mean zoo gap of 0.001 / 0.01 / 0.1, seed 0).
         fp_target_refit: with held-back sequences (``select``), the candidates are fit to the target over
-            the tokens not held back (the judge's sequences must stay out of sample); the final fit on every
-            token (``select_refit``, and every projection with one candidate) is fit to the target over every
-            token. False: the not-held-back target everywhere (before 2026-12-02).
+            the tokens not held back (the judge's sequences must stay out of sample); with this on, the final
+            fit on every token (``select_refit``, and every projection with one candidate) is fit to the target
+            over every token, else to the candidates' target. None: on for layers with 16 or more experts, off
+            on coarse ones. Zoo, 3 seeds (benchmarks/results/fp_target_refit.md), gap off → on: qwen3moe-32e
+            0.0234 → 0.0221, qwen2moe-32e-shared 0.0144 → 0.0131, olmoe-32e 0.0172 → 0.0173, but mixtral-8e
+            0.0236 → 0.0252 (none beyond its seed spread).
         max_bits: cap on all-inclusive bits per expert weight used by the automatic choices (layout,
             number of full planes and salient columns); None = 1.5 on fine-grained layers (>= 16 experts),
             2.2 on coarse ones (packed experts <= 14% of bf16). The cap holds per layer: down_proj has first
@@ -192,13 +195,13 @@ class MoBiEConfig(BinarizationConfig):
     router_align_judge: bool = False
     fp_target: bool = True
     fp_target_ridge: float = 0.01
-    fp_target_refit: bool = True
+    fp_target_refit: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()
         n = "MoBiEConfig"
         for f in ("packed", "cejd", "glas", "nges", "route_weighted", "select", "select_refit", "router_align",
-                  "router_align_judge", "fp_target", "fp_target_refit"):
+                  "router_align_judge", "fp_target"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{n}.{f} must be a bool, got {getattr(self, f)!r}")
         if self.side not in ("auto", "input", "output"):
@@ -223,6 +226,8 @@ class MoBiEConfig(BinarizationConfig):
                 0 < self.glas_power <= 1):
             raise ValueError(f"{n}.glas_power must be a float in (0, 1], got {self.glas_power!r}")
         check_int(n, "select_probe", self.select_probe, 0)
+        if self.fp_target_refit is not None and not isinstance(self.fp_target_refit, bool):
+            raise ValueError(f"{n}.fp_target_refit must be None or a bool, got {self.fp_target_refit!r}")
         for f in ("router_align_ridge", "fp_target_ridge"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

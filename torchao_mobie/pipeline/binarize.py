@@ -88,7 +88,9 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
         w_fit = fp_target_weight(w, hq, hess.cross, config.fp_target_ridge, skip=few)
         # the candidates of a held-back selection are fit on the tokens not held back, so to that target; the
         # final fit uses every token (select_refit), so the target over every token
-        w = w_fit if hess.cross_all is None or not getattr(config, "fp_target_refit", True) else \
+        refit = getattr(config, "fp_target_refit", None)
+        refit = e >= 16 if refit is None else refit  # None: fine-grained layers only (MoBiEConfig.fp_target_refit)
+        w = w_fit if hess.cross_all is None or not refit else \
             fp_target_weight(w, hess.hessian, hess.cross_all, config.fp_target_ridge, skip=few)
     if hess is None:
         h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
