@@ -74,7 +74,8 @@ class ExpertStatsCollector:
     fp_target: also accumulate ``Σ x_fp x_qᵀ`` against the full-precision model's inputs of the same rows, which
         the caller sets as ``fp_hidden [rows, H]`` before each batch (with ``fp_gate_up``, the full-precision
         ``[E, 2I, H]`` weight, for ``down_proj``'s full-precision inputs); over the tokens not held back, the
-        tokens of the fit Hessian (:mod:`~torchao_mobie.algorithms.fp_target`).
+        tokens of the fit Hessian (:mod:`~torchao_mobie.algorithms.fp_target`). ``fp_target_all``: with
+        held-back tokens, also over every token (``ExpertHessians.cross_all``, for the fit after the selection).
 
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
@@ -83,7 +84,7 @@ class ExpertStatsCollector:
 
     def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
                  min_expert_tokens: int = DEFAULT_MIN_EXPERT_TOKENS, routing_weighted: bool = False,
-                 heldback: bool = False, fp_target: bool = False):
+                 heldback: bool = False, fp_target: bool = False, fp_target_all: bool = False):
         for p in projections:
             if p not in PROJECTIONS:
                 raise ValueError(f"unknown projection {p!r}; expected one of {PROJECTIONS}")
@@ -108,6 +109,7 @@ class ExpertStatsCollector:
         self.fit_sums: dict[str, torch.Tensor] = {}
         self.fit_counts = torch.zeros(e, dtype=torch.int64, device=self.device)
         self.fp_target = bool(fp_target)
+        self.fp_target_all = self.fp_target and bool(fp_target_all)
         self.fp_hidden: torch.Tensor | None = None
         self.fp_gate_up: torch.Tensor | None = None
         self.cross: dict[str, torch.Tensor] = {}  # projection -> Σ x_fp x_qᵀ [E, in, in] (tokens not held back)
@@ -136,7 +138,7 @@ class ExpertStatsCollector:
             self.fit_sums[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
         if self.fp_target:
             self.cross[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
-            if self.heldback:
+            if self.heldback and self.fp_target_all:
                 self.cross_held[projection] = torch.zeros(self.experts.num_experts, d, d, device=self.device)
 
     def attach(self) -> "ExpertStatsCollector":
@@ -333,7 +335,7 @@ class ExpertStatsCollector:
             n = (self.fit_counts if fit_sum is not None else counts).clamp(min=1)
             c_fit = reduce_sum(self.cross.pop(projection))
             held = self.cross_held.pop(projection, None)
-            if fit_sum is not None and held is not None:  # and over every token, as the Hessian
+            if held is not None:  # and over every token, as the Hessian
                 cross_all = (c_fit + reduce_sum(held)).div_(counts.clamp(min=1).to(h.dtype).view(-1, 1, 1))
             cross = c_fit.div_(n.to(h.dtype).view(-1, 1, 1))
         split = None

@@ -45,29 +45,26 @@ class FPShadow:
         seen: list[torch.Tensor] = []
         handle = None
         self.expert_inputs = self.gate_up = None
-        if self.recorded is not None:
-            if info is not None:
-                seen = self.recorded.pop(info.fqn, [])
-                if len(seen) != len(calls):
-                    raise RuntimeError(f"{info.fqn}: {len(seen)} recorded full-precision expert inputs for {len(calls)} "
-                                       "calibration batches")
-                self.gate_up = info.weight("gate_up_proj").detach().clone()
-                self.expert_inputs = seen
-            return
         if info is not None:
             self.gate_up = info.weight("gate_up_proj").detach().clone()
-            handle = info.module.register_forward_pre_hook(
-                lambda m, args, kwargs: seen.append(
-                    info.call(args, kwargs).hidden.detach().float().reshape(-1, info.hidden_dim)), with_kwargs=True)
-        try:
-            self.hidden = [self.output_of(layer.module(h, *args, **kwargs)) for h, (args, kwargs) in
-                           zip(self.hidden, calls)]
-        finally:
-            if handle is not None:
-                handle.remove()
+        if self.recorded is not None:  # the full-precision pass already ran: nothing to run here
+            if info is not None:
+                seen = self.recorded.pop(info.fqn, [])
+        else:
+            if info is not None:
+                handle = info.module.register_forward_pre_hook(
+                    lambda m, args, kwargs: seen.append(
+                        info.call(args, kwargs).hidden.detach().float().reshape(-1, info.hidden_dim)),
+                    with_kwargs=True)
+            try:
+                self.hidden = [self.output_of(layer.module(h, *args, **kwargs)) for h, (args, kwargs) in
+                               zip(self.hidden, calls)]
+            finally:
+                if handle is not None:
+                    handle.remove()
         if info is not None:
             if len(seen) != len(calls):
-                raise RuntimeError(f"{info.fqn}: its experts module ran {len(seen)} times for {len(calls)} calibration "
+                raise RuntimeError(f"{info.fqn}: {len(seen)} full-precision expert inputs for {len(calls)} calibration "
                                    "batches; cannot pair the full-precision inputs with the quantized ones")
             self.expert_inputs = seen
 

@@ -110,7 +110,7 @@ def quantize_experts(cfg, W3d, H3d, context: QuantContext | None = None) -> Bina
         # every layout is fit in full (one cheap alternation misranks them: the joint backbones need
         # their refits) on the fit part and judged on the held-back part
         Hfit = fit_hessians(cfg, H, context)
-        Wfit = W if getattr(context, "fit_weight", None) is None else context.fit_weight.float()
+        Wfit = W if context.fit_weight is None else context.fit_weight.float()
         plan, res, _ = select_plan(
             plans, lambda p: C.cejd_quantize(Wfit, Hfit, **full, **fit_kwargs(cfg, p, E, projection, G)),
             lambda r: context.judge(r.weight), context.name, z=cfg.select_margin)

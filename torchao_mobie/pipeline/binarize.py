@@ -19,7 +19,8 @@ from ..storage.convert import FACTORS_ATTR
 from .guards import check_finite_hessian, finite_or_raise
 from .report import BinarizationRecord, records_of
 
-__all__ = ["apply_experts", "apply_linear", "quantize_with_ridge_fallback", "routing_weighted", "warn_data_free"]
+__all__ = ["apply_experts", "apply_linear", "fp_target_refit", "quantize_with_ridge_fallback", "routing_weighted",
+           "warn_data_free"]
 
 logger = logging.getLogger("torchao_mobie")
 
@@ -87,10 +88,9 @@ def apply_experts(info: ExpertsInfo, projection: str, hess: ExpertHessians | Non
         few = set(hess.fallback_experts) | set((n < config.min_expert_tokens).nonzero().flatten().tolist())
         w_fit = fp_target_weight(w, hq, hess.cross, config.fp_target_ridge, skip=few)
         # the candidates of a held-back selection are fit on the tokens not held back, so to that target; the
-        # final fit uses every token (select_refit), so the target over every token
-        refit = getattr(config, "fp_target_refit", None)
-        refit = e >= 16 if refit is None else refit  # None: fine-grained layers only (MoBiEConfig.fp_target_refit)
-        w = w_fit if hess.cross_all is None or not refit else \
+        # final fit uses every token (select_refit), so the target over every token where it was collected
+        # (fp_target_refit)
+        w = w_fit if hess.cross_all is None else \
             fp_target_weight(w, hess.hessian, hess.cross_all, config.fp_target_ridge, skip=few)
     if hess is None:
         h3d = torch.eye(d, device=w.device).repeat(e, 1, 1)
@@ -152,6 +152,13 @@ def apply_linear(module: nn.Linear, hessian: torch.Tensor | None, config: Binari
     rec = BinarizationRecord(config=type(config).__name__, bits=res.bits, data_free=data_free)
     records_of(module)["weight"] = rec
     return rec
+
+
+def fp_target_refit(config, num_experts: int) -> bool:
+    """Whether the final fit of a layer with ``num_experts`` gets the full-precision target over every token
+    (``MoBiEConfig.fp_target_refit``; None: layers with 16 or more experts)."""
+    refit = getattr(config, "fp_target_refit", None)
+    return num_experts >= 16 if refit is None else bool(refit)
 
 
 def routing_weighted(config) -> bool:

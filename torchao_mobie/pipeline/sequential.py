@@ -34,7 +34,7 @@ from ..methods.base import BinarizationConfig, Scope
 from ..storage.convert import packs
 from ..storage.packed_model import pack_model
 from .batches import CalibrationBatch, calibration_batches, check_calibration
-from .binarize import apply_experts, apply_linear, routing_weighted
+from .binarize import apply_experts, apply_linear, fp_target_refit, routing_weighted
 from .guards import check_finite_weights, check_not_binarized, check_not_requantizing, check_packable, targets_of
 from .handler import selected_targets, tag_names
 from .report import OBSERVER, QuantizationReport, module_name
@@ -256,7 +256,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
                                        min_expert_tokens=config.min_expert_tokens,
                                        routing_weighted=routing_weighted(config),
                                        heldback=bool(getattr(config, "needs_heldback", False)),
-                                       fp_target=fp).attach()
+                                       fp_target=fp,
+                                       fp_target_all=fp and fp_target_refit(config, layer.moe.experts.num_experts)
+                                       ).attach()
         if fp:
             experts.fp_gate_up = shadow.gate_up
         if glas is not None:
