@@ -64,3 +64,32 @@ def test_the_shadow_runs_its_layers_when_glas_covers_part_of_the_batches(monkeyp
     base, n_base = _quantize(copy.deepcopy(fp), monkeypatch, replay=True, recorded=False, glas_samples=4)
     got, n = _quantize(copy.deepcopy(fp), monkeypatch, replay=True, recorded=True, glas_samples=4)
     assert n == n_base and all(torch.equal(base[k], got[k]) for k in base)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_glas_collector_shares_the_plain_collectors_statistics_bit_for_bit(family, monkeypatch):
+    """GLAS's collector takes the layer sums, the starved experts' down inputs and the per-expert down inputs
+    from the plain collector of the same calls: same bytes, and down_proj's inputs computed once per call."""
+    from torchao_mobie.calibration.experts import ExpertStatsCollector
+    from torchao_mobie.integrations.transformers import ExpertsInfo
+
+    fp = tiny_model(family, layers=2)
+    runs = {}
+    for share in (False, True):
+        with monkeypatch.context() as m:
+            if not share:
+                m.setattr(ExpertStatsCollector, "share_from", lambda self, source: self)
+            calls = [0]
+            down_input = ExpertsInfo.down_input
+
+            def counted(self, *a, **k):
+                calls[0] += 1
+                return down_input(self, *a, **k)
+
+            m.setattr(ExpertsInfo, "down_input", counted)
+            got, _ = _quantize(copy.deepcopy(fp), monkeypatch, replay=True, recorded=True)
+        runs[share] = (got, calls[0])
+    (base, n_base), (got, n) = runs[False], runs[True]
+    diff = [k for k in base if not torch.equal(base[k], got[k])]
+    assert not diff, diff[:4]
+    assert n < n_base, (n, n_base)

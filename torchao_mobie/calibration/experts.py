@@ -80,6 +80,9 @@ class ExpertStatsCollector:
     Gradient statistics (GLAS) plug in through ``observe(..., pair_weights=)``: a gradient-aware
     collector calls it from a backward hook with per-(token, slot) weights, turning each sum into
     ``Σ w x xᵀ``; nothing else changes.
+
+    A second collector on the same calls (GLAS's, beside the plain one) computes the same unweighted values:
+    :meth:`share_from` makes it take them from the first one (see there).
     """
 
     def __init__(self, experts: ExpertsInfo, projections=PROJECTIONS, *,
@@ -115,8 +118,21 @@ class ExpertStatsCollector:
         self.cross: dict[str, torch.Tensor] = {}  # projection -> Σ x_fp x_qᵀ [E, in, in] (tokens not held back)
         self.cross_held: dict[str, torch.Tensor] = {}  # the same over the held-back tokens
         self._handle = None
+        self.source: ExpertStatsCollector | None = None  # see share_from
+        self._down_cache: dict | None = None  # expert -> (rows, down inputs) of the current call, for a sharer
         for p in projections:
             self.enable(p)
+
+    def share_from(self, source: "ExpertStatsCollector") -> "ExpertStatsCollector":
+        """Take the unweighted statistics from ``source``, a collector whose hook runs just before this one's
+        on every call this one observes, and which observes no other call: the layer-level sums, the starved
+        experts' down inputs over every token, and each expert's ``down_proj`` inputs. They are the same
+        operations on the same rows, so the results are the same bits; the layer-level ``Σ x xᵀ`` and the
+        down inputs were a fifth of the statistics' time. ``source`` must be finalized after this one (it
+        frees its starved accumulators)."""
+        self.source = source
+        source._down_cache = {}
+        return self
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -150,6 +166,8 @@ class ExpertStatsCollector:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._down_cache:
+            self._down_cache.clear()
 
     def _hook(self, module, args, kwargs):
         call = self.experts.call(args, kwargs)
@@ -189,7 +207,11 @@ class ExpertStatsCollector:
         token); ``in_layer [N]``: the rows counted in the layer-level sums (default: all)."""
         info = self.experts
         x = hidden_states.reshape(-1, info.hidden_dim).to(device=self.device, dtype=torch.float32)
-        check_finite_activations(x, info.fqn or "experts module")
+        src = self.source
+        if src is None:  # a sharer's source checked the same rows
+            check_finite_activations(x, info.fqn or "experts module")
+        if self._down_cache is not None:
+            self._down_cache.clear()
         call = ExpertsCall(x, top_k_index, top_k_weights, token_index=None if token_index is None
                            else token_index.to(self.device))
         mask = call.rows(self.token_mask)
@@ -202,8 +224,9 @@ class ExpertStatsCollector:
             in_layer = in_layer.reshape(-1).to(device=self.device, dtype=torch.bool)
             layer_rows = in_layer if mask is None else mask & in_layer
         x_layer = x if layer_rows is None else x[layer_rows]
-        self.layer_sum_x += x_layer.sum(0)
-        add_outer(self.layer_sum_xxt, x_layer)
+        if src is None:
+            self.layer_sum_x += x_layer.sum(0)
+            add_outer(self.layer_sum_xxt, x_layer)
         self.layer_tokens += x_layer.shape[0]
 
         # with a split, each token goes to exactly one of two disjoint sums (fit part, held-back part in
@@ -231,7 +254,7 @@ class ExpertStatsCollector:
                 part_counts += routed.counts
             self._add(sums, routed, x, xf, self.cross if i == 0 else self.cross_held)  # parts[0]: not held back
 
-        if "down_proj" in self.sums:
+        if "down_proj" in self.sums and src is None:
             # Experts that are (still) starved after this batch get their down-proj inputs over every token.
             # Counts only grow, so an expert starved at the end was starved after every batch and its
             # accumulator covers all of them; experts crossing the threshold drop theirs.
@@ -261,10 +284,20 @@ class ExpertStatsCollector:
             if c_gu is not None:
                 _add_cross(c_gu[e], xe, xf.index_select(0, rows), w)
             if h_dn is not None:
-                ae = info.down_input(xe, e)
+                ae = self._down_input(xe, e, rows)
                 add_outer(h_dn[e], ae, w)
                 if c_dn is not None:
                     _add_cross(c_dn[e], ae, self._fp_down_input(xf.index_select(0, rows), e), w)
+
+    def _down_input(self, xe: torch.Tensor, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s ``down_proj`` inputs for ``rows`` of the call: the source's when it computed the same rows."""
+        hit = None if self.source is None or self.source._down_cache is None else self.source._down_cache.get(e)
+        if hit is not None and hit[0].shape == rows.shape and torch.equal(hit[0], rows):
+            return hit[1]
+        ae = self.experts.down_input(xe, e)
+        if self._down_cache is not None:
+            self._down_cache[e] = (rows, ae)
+        return ae
 
     def _fp_down_input(self, xf: torch.Tensor, e: int) -> torch.Tensor:
         """``down_proj``'s input in the full-precision model: ``act(gate)·up`` of the full-precision gate_up."""
@@ -276,11 +309,12 @@ class ExpertStatsCollector:
 
     def router_stats(self) -> RouterInputStats:
         """Moments of the tokens entering the experts module (= the router input in every family)."""
-        return RouterInputStats.from_sums(self.layer_sum_x, self.layer_sum_xxt, self.layer_tokens)
+        own = self.source or self
+        return RouterInputStats.from_sums(own.layer_sum_x, own.layer_sum_xxt, self.layer_tokens)
 
     def layer_hessian(self) -> torch.Tensor:
         """``E[x xᵀ]`` over all tokens entering the module (gate_up fallback)."""
-        return self.layer_sum_xxt / max(self.layer_tokens, 1)
+        return (self.source or self).layer_sum_xxt / max(self.layer_tokens, 1)
 
     @torch.no_grad()
     def finalize(self, projection: str) -> ExpertHessians:
@@ -305,8 +339,9 @@ class ExpertStatsCollector:
         layer_h = self.layer_hessian() if projection == "gate_up_proj" else None
         # a routing-weighted collector's fallback is unweighted: bring it to the mean g² of the routed pairs
         fb = (self._pair_w_sum / max(self._pair_n, 1)) if (self.routing_weighted and self._pair_n) else 1.0
+        down_all = (self.source or self)._down_all
         for e in starved:
-            h[e] = fb * (layer_h if layer_h is not None else self._down_all[e] / self.layer_tokens)
+            h[e] = fb * (layer_h if layer_h is not None else down_all[e] / self.layer_tokens)
         if projection == "down_proj":
             self._down_all.clear()
         # Experts that got enough tokens but only all-zero inputs: their Hessian carries no information

@@ -264,6 +264,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
         if glas is not None:
             guided = {p: GLASCollector(layer.moe.experts, (p,), min_expert_tokens=config.min_expert_tokens).attach()
                       for p in stage.projections}
+            if glas.n_batches >= len(hidden):  # they observe the same calls as ``experts``, after it
+                for c in guided.values():
+                    c.share_from(experts)
     linears = [LinearStatsCollector(li.module, li.fqn).attach() for li in stage.linears]
     collectors = ([experts] if experts else []) + linears + list(guided.values())
     replay = replay if experts is not None and not linears and replay is not None and len(replay) == len(hidden) \
@@ -309,9 +312,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
         if "gate_up_proj" in stage.projections:
             report.router_stats[layer.moe.fqn] = stats.to("cpu")
         for p in stage.projections:
+            gh = guided[p].guided_hessian(p) if p in guided else None  # before its source frees what it shares
             hess = experts.finalize(p)
             name = f"{info.fqn}.{p}"
-            gh = guided[p].guided_hessian(p) if p in guided else None
             report.parameters[name] = apply_experts(info, p, hess, config, name, router_stats=stats, guided_hessian=gh,
                                                      downstream_routers=downstream if p == "down_proj" else None,
                                                      judge=None if heldloss is None else
