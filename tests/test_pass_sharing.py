@@ -93,3 +93,27 @@ def test_glas_collector_shares_the_plain_collectors_statistics_bit_for_bit(famil
     diff = [k for k in base if not torch.equal(base[k], got[k])]
     assert not diff, diff[:4]
     assert n < n_base, (n, n_base)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_heldback_judge_is_each_held_back_sequences_mean_nll_in_the_model(family):
+    """The layout judge's per-sequence loss (computed over contiguous rows for speed) is the mean next-token NLL
+    of each held-back sequence that the whole model gives."""
+    import torch.nn.functional as F
+
+    from torchao_mobie.integrations.transformers import discover_moe_layout
+
+    model = tiny_model(family, layers=2).eval()
+    ids = calib(n=8, seqlen=16)
+    batches = sequential.hold_back(sequential.calibration_batches(ids, 4, torch.device("cpu")),
+                                   sequential.CalibrationBatch)
+    layout = discover_moe_layout(model)
+    with torch.no_grad():
+        hidden, calls = sequential.capture_layer_inputs(model, layout, batches)
+        judge = sequential._heldback_loss(model, layout, calls, batches)
+        got = judge.per_sequence(0, hidden)
+        held = torch.cat([b.input_ids for b in batches if b.heldback])
+        logits = model(input_ids=held, use_cache=False).logits.float()
+        want = F.cross_entropy(logits[:, :-1].transpose(1, 2), held[:, 1:], reduction="none").double().mean(1)
+    assert got.shape == (ids.shape[0] // 4,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
