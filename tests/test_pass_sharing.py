@@ -117,3 +117,14 @@ def test_heldback_judge_is_each_held_back_sequences_mean_nll_in_the_model(family
         want = F.cross_entropy(logits[:, :-1].transpose(1, 2), held[:, 1:], reduction="none").double().mean(1)
     assert got.shape == (ids.shape[0] // 4,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_share_from_refuses_a_collector_that_would_starve_other_experts():
+    from torchao_mobie.calibration.experts import ExpertStatsCollector
+    from torchao_mobie.integrations.transformers import discover_moe_layout
+
+    info = discover_moe_layout(tiny_model("qwen3_moe", layers=1)).layers[0].moe.experts
+    plain = ExpertStatsCollector(info, ("down_proj",), min_expert_tokens=16)
+    with pytest.raises(ValueError, match="min_expert_tokens"):
+        ExpertStatsCollector(info, ("down_proj",), min_expert_tokens=8).share_from(plain)
+    assert ExpertStatsCollector(info, ("down_proj",), min_expert_tokens=16).share_from(plain).source is plain
