@@ -295,7 +295,7 @@ class ExpertStatsCollector:
     def _down_input(self, xe: torch.Tensor, e: int, rows: torch.Tensor) -> torch.Tensor:
         """Expert ``e``'s ``down_proj`` inputs for ``rows`` of the call: the source's when it computed the same rows."""
         hit = None if self.source is None or self.source._down_cache is None else self.source._down_cache.get(e)
-        if hit is not None and hit[0].shape == rows.shape and torch.equal(hit[0], rows):
+        if hit is not None and torch.equal(hit[0], rows):
             return hit[1]
         ae = self.experts.down_input(xe, e)
         if self._down_cache is not None:

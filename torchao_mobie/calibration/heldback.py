@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from ..eval.metrics import token_nll
 
 __all__ = ["HeldbackLoss", "HELDBACK_EVERY", "hold_back"]
 
@@ -67,11 +68,7 @@ class HeldbackLoss:
                 h = self.layer_output(self.layers[i](h, *args, **kwargs))
             logits = self.head(h).float()
             ids, mask = self.batches[b].input_ids, self.batches[b].attention_mask
-            # over contiguous rows: the class dim transposed to dim 1 took the strided kernel, 2.5x slower
-            # (a quarter of the judge's time on olmoe-32e)
-            lp = logits[:, :-1]
-            nll = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), ids[:, 1:].reshape(-1),
-                                  reduction="none").view(lp.shape[:2]).double()
+            nll = token_nll(logits, ids).double()
             keep = torch.ones_like(nll) if mask is None else (mask[:, 1:] * mask[:, :-1]).double()
             per_seq.append((nll * keep).sum(1) / keep.sum(1).clamp_min(1))
         return torch.cat(per_seq)
