@@ -76,7 +76,8 @@ def test_chunked_backbone_refit_agrees_with_the_batched_one(side, m, n, monkeypa
     torch.testing.assert_close(chunked, batched, rtol=2e-4, atol=2e-5 * float(batched.abs().max()))
 
 
-def test_512_experts_quantize_in_expert_chunks(monkeypatch):
+@pytest.mark.parametrize("side", ["auto", "output"])
+def test_512_experts_quantize_in_expert_chunks(monkeypatch, side):
     """A Qwen3-Next-like layer (512 experts, top-10) at toy width: it finishes, every factor-metric step
     sees at most one chunk of experts, and the backbone refits take the chunked sums."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,13 +98,15 @@ def test_512_experts_quantize_in_expert_chunks(monkeypatch):
                                num_key_value_heads=1, head_dim=32, num_experts=512, num_experts_per_tok=10,
                                norm_topk_prob=True, max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    quantize_model(model, MoBiEConfig(), torch.randint(3, 128, (4, 32), generator=torch.Generator().manual_seed(0)),
+    quantize_model(model, MoBiEConfig(side=side), torch.randint(3, 128, (4, 32),
+                                                                generator=torch.Generator().manual_seed(0)),
                    progress=False)
     assert sizes
     for E, m, n in sizes:  # the smallest per-expert estimate (one plane, no left metric) bounds every chunk
         per = chunks.factor_bytes_per_expert(m, n, 1, False)
         assert E <= max(chunks.CHUNK_ALIGN, budget // per // chunks.CHUNK_ALIGN * chunks.CHUNK_ALIGN) < 512
-    assert chunked_sums  # the output-side candidate's backbone refit
+    # the output-side backbone refit takes the chunked sums (the default no longer judges that side)
+    assert bool(chunked_sums) == (side == "output")
     assert sum(isinstance(p, MoBiETensor) for p in model.parameters()) == 2
 
 

@@ -102,7 +102,8 @@ class MoBiEConfig(BinarizationConfig):
             layer 2 (0.095 → 0.076) but made the end-to-end gap of its layer 0 worse (0.052 → 0.057), and
             every ridge made qwen3moe-32e worse, so it is off by default.
         side: backbone side, "auto", "input" or "output" (for every projection). "auto" with ``select``:
-            per projection, the layout (input-side, output-side or no backbone) with the lowest LM loss
+            per projection, the layout (input-side or no backbone; the output side lost every selection it
+            entered, so it is no longer judged) with the lowest LM loss
             on held-back calibration sequences, each filling the budget with second planes
             (:mod:`torchao_mobie.algorithms.planner`); without ``select``: input side when its int8
             backbone leaves 0.1 bit for second planes, else the cheaper side.
