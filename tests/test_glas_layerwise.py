@@ -40,6 +40,9 @@ def test_layerwise_glas_equals_the_whole_model_backward(name):
     batches = [CalibrationBatch(ids[:2], None), CalibrationBatch(ids[2:], mask[2:])]
     whole = compute_glas_weights(model, layout.experts(), batches)
     layer, _ = _layerwise(model, layout, batches)
+    # only activation gradients are formed: no weight gradient is left on the user's model (the LM head's
+    # backward used to leave the final norm's and the tied embedding's)
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
     assert list(layer.index) == list(whole.index) == [e.fqn for e in layout.experts()]
     exact = True
     for f in whole.index:
@@ -91,3 +94,30 @@ def test_capture_keeps_the_boundaries_forward_boundaries_recomputes(name):
     level_bytes = sum(h.numel() * h.element_size() for h in hidden[:2])
     assert capture_layer_inputs(model, layout, batches, record=2, budget=level_bytes)[2] is None
     assert len(capture_layer_inputs(model, layout, batches)) == 2
+
+
+def test_dense_first_layer_bottom_layer_stops_at_the_experts():
+    """DeepSeek-V3 with a dense first layer (``first_k_dense_replace=1``): the bottom layer has no experts and is
+    not backpropagated, the lowest MoE layer's backward stops at its experts output; still the whole-model
+    weights, bit for bit."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("deepseek_v3", vocab_size=128, hidden_size=64, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                               intermediate_size=32, n_routed_experts=4, moe_intermediate_size=32, n_shared_experts=1,
+                               first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=16,
+                               qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    layout = discover_moe_layout(model)
+    assert layout.layers[0].moe is None and len(layout.experts()) == 2
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    batches = [CalibrationBatch(ids, None)]
+    whole = compute_glas_weights(model, layout.experts(), batches)
+    calls = []
+    handle = layout.layers[0].module.register_forward_hook(lambda *a: calls.append(1))
+    layer, _ = _layerwise(model, layout, batches)
+    handle.remove()
+    assert len(calls) == 2  # the capture and the boundaries' forward; GLAS does not recompute it
+    for f in whole.index:
+        assert torch.equal(layer.gate_up[f][0], whole.gate_up[f][0]) and torch.equal(layer.down[f][0], whole.down[f][0])

@@ -94,12 +94,13 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
         with torch.enable_grad():
             for h, b in zip(store.get(n_layers), batches):
                 h = h.detach().requires_grad_(True)
-                head_loss(h, b).backward()
-                grads.append(h.grad)
+                # the gradient at h only: .backward() also formed the final norm's and LM head's (tied:
+                # embedding's) weight gradients, about half this step, and left them on the user's model
+                grads.append(torch.autograd.grad(head_loss(h, b), h)[0])
         for i in reversed(range(n_layers)):
             with layers.open(i) as (module, info):
                 grads = _layer_backward(module, info, store.get(i), calls[i], grads, power, index, wgu, wdn,
-                                        expert_inputs)
+                                        expert_inputs, input_grads=i > 0)
             store.drop(i + 1)
     finally:
         if on_cpu:
@@ -108,9 +109,14 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
     return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})
 
 
-def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, expert_inputs=None):
+def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, expert_inputs=None,
+                    input_grads: bool = True):
     """Recompute one layer per batch from its stored input, backpropagate ``grads``, collect its pair
-    weights; returns the gradients at its inputs."""
+    weights; returns the gradients at its inputs. ``input_grads=False`` (the bottom layer: nothing below
+    takes them): the backward stops at the experts output, and a layer without experts is not recomputed
+    at all (on olmoe-32e the bottom layer's experts, router and attention backward were ~10% of GLAS)."""
+    if not input_grads and info is None:
+        return []
     flags = [(p, p.requires_grad) for p in module.parameters()]
     saved = {}
 
@@ -127,12 +133,17 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, 
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 y = _out(module(x, *args, **kwargs))
-                y.backward(g)
-            out_grads.append(x.grad)
+                if input_grads:
+                    y.backward(g)
+                    out_grads.append(x.grad)
+                elif info is not None and saved["call"][3].requires_grad:
+                    # the same backward nodes in the same order up to the experts output, so the same bits
+                    (saved["grad"],) = torch.autograd.grad(y, saved["call"][3], g, allow_unused=True)
             if info is not None:
                 hs, ti, tw, out = saved["call"]
                 H = info.hidden_dim
-                gy = out.grad if out.grad is not None else torch.zeros_like(out)
+                gy = saved.get("grad", out.grad)
+                gy = gy if gy is not None else torch.zeros_like(out)
                 gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
                                                tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
                 index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
