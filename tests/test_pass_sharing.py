@@ -128,3 +128,34 @@ def test_share_from_refuses_a_collector_that_would_starve_other_experts():
     with pytest.raises(ValueError, match="min_expert_tokens"):
         ExpertStatsCollector(info, ("down_proj",), min_expert_tokens=8).share_from(plain)
     assert ExpertStatsCollector(info, ("down_proj",), min_expert_tokens=16).share_from(plain).source is plain
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_next_layer_inputs_replay_the_recorded_attention_bit_for_bit(family, monkeypatch):
+    """The re-run that makes the next layer's inputs takes the attention outputs the gate_up stage recorded: the
+    same bytes as running attention again, and one attention forward fewer per MoE layer and batch."""
+    import contextlib
+
+    fp = tiny_model(family, layers=2)
+    attn_cls = type(fp.model.layers[0].self_attn)
+    runs = {}
+    for replayed in (False, True):
+        model = copy.deepcopy(fp)
+        n = [0]
+        forward = attn_cls.forward
+
+        def counted(self, *args, **kwargs):
+            n[0] += 1
+            return forward(self, *args, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(attn_cls, "forward", counted)
+            if not replayed:
+                m.setattr(sequential, "attention_replayed", lambda *a: contextlib.nullcontext())
+            tm.quantize_model(model, tm.MoBiEConfig(packed=False), calib(n=8, seqlen=16), progress=False, batch_size=4)
+        runs[replayed] = ({k: v.clone() for k, v in model.state_dict().items()}, n[0])
+        assert "forward" not in vars(model.model.layers[0].self_attn)  # the module is left as it was
+    (base, n_base), (got, n_got) = runs[False], runs[True]
+    assert not [k for k in base if not torch.equal(base[k], got[k])]
+    moe_layers = sum(1 for layer in fp.model.layers if hasattr(layer.mlp, "experts"))
+    assert moe_layers and n_base - n_got == _n_batches() * moe_layers, (n_base, n_got)

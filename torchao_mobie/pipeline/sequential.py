@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from .batches import CalibrationBatch, calibration_batches, check_calibration
 from .binarize import apply_experts, apply_linear, fp_target_refit, routing_weighted
 from .guards import check_finite_weights, check_not_binarized, check_not_requantizing, check_packable, targets_of
 from .handler import selected_targets, tag_names
+from .replay import LayerReplay, StopLayer, attention_replayed, recording
 from .report import OBSERVER, QuantizationReport, module_name
 
 __all__ = ["quantize_model"]
@@ -234,10 +236,6 @@ def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: lis
     return HeldbackLoss([layer.module for layer in layout.layers], calls, batches, head, _layer_output)
 
 
-class _StopLayer(Exception):
-    """Raised by the gate_up stage's last experts hook: the rest of the layer's forward is not needed."""
-
-
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
                heldloss=None, plan_memory=None, shadow: FPShadow | None = None, replay: list | None = None) -> list | None:
@@ -269,39 +267,33 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
                     c.share_from(experts)
     linears = [LinearStatsCollector(li.module, li.fqn).attach() for li in stage.linears]
     collectors = ([experts] if experts else []) + linears + list(guided.values())
-    replay = replay if experts is not None and not linears and replay is not None and len(replay) == len(hidden) \
+    replay = replay if experts is not None and not linears and replay is not None and replay.complete(len(hidden)) \
         else None
-    record = [] if stage.projections == ("gate_up_proj",) and not linears else None
-
-    def keep_call(module, args, kwargs):  # after the collectors' hooks: nothing past the experts' inputs is needed
-        record.append((args, kwargs))
-        raise _StopLayer
-
-    rec_handle = None if record is None else layer.moe.experts.module.register_forward_pre_hook(keep_call,
-                                                                                               with_kwargs=True)
+    records = stage.projections == ("gate_up_proj",) and not linears
+    # after the collectors' hooks: nothing past the experts' inputs is needed
+    recorder = recording(layer.module, layer.moe.experts.module) if records else nullcontext()
     try:
-        for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
-            for c in collectors:
-                c.token_mask = b.token_mask
-            if experts is not None:
-                experts.heldback_mask = torch.full((b.input_ids.numel(),), b.heldback, device=b.input_ids.device)
-                if fp:
-                    experts.fp_hidden = shadow.batch(bi)
-            for p, c in guided.items():  # None past the batches with gradients: the collector skips them
-                c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
-            if replay is None:
-                try:
-                    layer.module(h, *args, **kwargs)
-                except _StopLayer:
-                    pass
-            else:
-                for c in [experts, *guided.values()]:  # the hooks the experts module would have called
-                    c._hook(layer.moe.experts.module, *replay[bi])
+        with recorder as record:
+            for bi, (h, (args, kwargs), b) in enumerate(zip(hidden, calls, batches)):
+                for c in collectors:
+                    c.token_mask = b.token_mask
+                if experts is not None:
+                    experts.heldback_mask = torch.full((b.input_ids.numel(),), b.heldback, device=b.input_ids.device)
+                    if fp:
+                        experts.fp_hidden = shadow.batch(bi)
+                for p, c in guided.items():  # None past the batches with gradients: the collector skips them
+                    c.fp_routing = glas.batch(layer.moe.experts.fqn, p, bi) if bi < glas.n_batches else None
+                if replay is None:
+                    try:
+                        layer.module(h, *args, **kwargs)
+                    except StopLayer:
+                        pass
+                else:
+                    for c in [experts, *guided.values()]:  # the hooks the experts module would have called
+                        c._hook(layer.moe.experts.module, *replay.calls[bi])
     finally:
         for c in collectors:
             c.detach()
-        if rec_handle is not None:
-            rec_handle.remove()
 
     for li, c in zip(stage.linears, linears):
         report.parameters[f"{li.fqn}.weight"] = apply_linear(li.module, c.finalize(), config, li.fqn).bits
@@ -324,7 +316,13 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
             if hess.event.experts:
                 report.fallback_events.append(hess.event)
             del hess
-    return record if record is not None and len(record) == len(hidden) else None
+    return record if record is not None and record.complete(len(hidden)) else None
+
+
+def next_inputs(layer: DecoderLayerInfo, hidden: list, calls: list, replay: LayerReplay | None) -> list:
+    """The binarized layer's outputs (the next layer's inputs), its attention replayed when recorded."""
+    with attention_replayed(layer.module, replay, len(hidden)):
+        return [_layer_output(layer.module(h, *args, **kwargs)) for h, (args, kwargs) in zip(hidden, calls)]
 
 
 @torch.no_grad()
@@ -415,14 +413,13 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             for stage in _stages(layer, scope, true_sequential):
                 replay = _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events,
                                     glas=glas, downstream=_downstream_routers(layout, layer.index), heldloss=heldloss,
-                                    plan_memory=plan_memory, shadow=shadow, replay=replay)
-            del replay
+                                    plan_memory=plan_memory, shadow=shadow, replay=replay) or replay
             log_fallback_summary(layer.fqn, events)
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
                 _align_router(layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index), config,
                               report, heldloss)
-            hidden = [_layer_output(layer.module(h, *args, **kwargs))
-                      for h, (args, kwargs) in zip(hidden, calls[layer.index])]
+            hidden = next_inputs(layer, hidden, calls[layer.index], replay)
+            del replay
     except Exception as e:
         if report.parameters and hasattr(e, "add_note"):
             e.add_note(f"quantize_model stopped in {layer.fqn if layer is not None else '?'} after binarizing "

@@ -64,7 +64,7 @@ from .guards import check_packable, targets_of
 from .handler import selected_targets, tag_names
 from .report import RECORDS, QuantizationReport
 from .sequential import _align_router, _downstream_routers, _forward_batches, _glas_batches, _layer_output, _run_stage, \
-    _stages, lm_head_of
+    _stages, lm_head_of, next_inputs
 from .stream_state import StreamState, atomic_save_file, atomic_write_bytes, calibration_digest, settings_of
 
 __all__ = ["quantize_streaming", "FAIL_AFTER_ENV"]
@@ -361,14 +361,13 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                 for stage in _stages(layer, scope, true_sequential):
                     replay = _run_stage(layer, stage, hidden, calls[layer.index], batches, config, report, events,
                                         glas=glas, downstream=downstream[layer.index], heldloss=heldloss,
-                                        plan_memory=plan_memory, shadow=shadow, replay=replay)
-                del replay
+                                        plan_memory=plan_memory, shadow=shadow, replay=replay) or replay
                 log_fallback_summary(layer.fqn, events)
                 if layer.index in targets:
                     _align_router(layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config,
                                   report, heldloss)
-                hidden = [_layer_output(layer.module(h, *args, **kwargs))
-                          for h, (args, kwargs) in zip(hidden, calls[layer.index])]
+                hidden = next_inputs(layer, hidden, calls[layer.index], replay)
+                del replay
             if packed and layer.moe is not None:
                 for proj in PROJECTIONS:
                     pack_projection(layer.moe.experts.module, proj, layer.moe.experts.fqn)
