@@ -132,8 +132,9 @@ def test_share_from_refuses_a_collector_that_would_starve_other_experts():
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
 def test_next_layer_inputs_replay_the_recorded_attention_bit_for_bit(family, monkeypatch):
-    """The re-run that makes the next layer's inputs takes the attention outputs the gate_up stage recorded: the
-    same bytes as running attention again, and one attention forward fewer per MoE layer and batch."""
+    """The re-run that makes the next layer's inputs, and the held-back judge's run of the layer it judges, take
+    the attention outputs the gate_up stage recorded: the same bytes as running attention again, and one
+    attention forward fewer per MoE layer and batch, and per judged candidate and held-back batch."""
     import contextlib
 
     fp = tiny_model(family, layers=2)
@@ -148,14 +149,26 @@ def test_next_layer_inputs_replay_the_recorded_attention_bit_for_bit(family, mon
             n[0] += 1
             return forward(self, *args, **kwargs)
 
+        judged = [0]
+        judge = sequential.HeldbackLoss.judge
+
+        def counting(self, *args, **kwargs):
+            f = judge(self, *args, **kwargs)
+            return None if f is None else (lambda W: (judged.__setitem__(0, judged[0] + 1), f(W))[1])
+
         with monkeypatch.context() as m:
             m.setattr(attn_cls, "forward", counted)
+            m.setattr(sequential.HeldbackLoss, "judge", counting)
             if not replayed:
                 m.setattr(sequential, "attention_replayed", lambda *a: contextlib.nullcontext())
             tm.quantize_model(model, tm.MoBiEConfig(packed=False), calib(n=8, seqlen=16), progress=False, batch_size=4)
-        runs[replayed] = ({k: v.clone() for k, v in model.state_dict().items()}, n[0])
+        runs[replayed] = ({k: v.clone() for k, v in model.state_dict().items()}, n[0], judged[0])
         assert "forward" not in vars(model.model.layers[0].self_attn)  # the module is left as it was
-    (base, n_base), (got, n_got) = runs[False], runs[True]
+    (base, n_base, j_base), (got, n_got, j_got) = runs[False], runs[True]
     assert not [k for k in base if not torch.equal(base[k], got[k])]
     moe_layers = sum(1 for layer in fp.model.layers if hasattr(layer.mlp, "experts"))
-    assert moe_layers and n_base - n_got == _n_batches() * moe_layers, (n_base, n_got)
+    batches = sequential.hold_back(sequential.calibration_batches(calib(n=8, seqlen=16), 4, torch.device("cpu")),
+                                   sequential.CalibrationBatch)
+    held = sum(1 for b in batches if b.heldback)
+    assert j_base == j_got and held and j_got, (j_base, j_got, held)
+    assert moe_layers and n_base - n_got == len(batches) * moe_layers + j_got * held, (n_base, n_got, j_got)

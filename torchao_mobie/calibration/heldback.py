@@ -12,6 +12,7 @@ WikiText-2 test (0.0196 vs 0.0235).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -37,10 +38,12 @@ class HeldbackLoss:
         self.batches = batches
 
     @torch.no_grad()
-    def judge(self, start: int, hidden: list, experts, projection: str) -> Callable[[torch.Tensor], float] | None:
+    def judge(self, start: int, hidden: list, experts, projection: str,
+              first_layer: Callable = nullcontext) -> Callable[[torch.Tensor], float] | None:
         """``W_hat [E, out, in] -> [S]`` mean NLL of each held-back sequence with ``W_hat`` as ``projection``
         of ``experts`` (in layer ``start``, whose inputs per batch are ``hidden``); the weight is restored
-        after each call."""
+        after each call. ``first_layer(held)``: a context for layer ``start``'s run on the held-back batches
+        (the pipeline replays its recorded attention there)."""
         if not self.held:
             return None
 
@@ -50,20 +53,22 @@ class HeldbackLoss:
             saved = param.data.clone()
             experts.set_weight(projection, W_hat)
             try:
-                return self.per_sequence(start, hidden)
+                return self.per_sequence(start, hidden, first_layer)
             finally:
                 param.data.copy_(saved)
 
         return loss
 
     @torch.no_grad()
-    def per_sequence(self, start: int, hidden: list) -> torch.Tensor:
+    def per_sequence(self, start: int, hidden: list, first_layer: Callable = nullcontext) -> torch.Tensor:
         """``[S]`` mean NLL of each held-back sequence with the model's current weights, run from layer
         ``start`` (inputs per batch: ``hidden``)."""
         per_seq = []
-        for b in self.held:
-            h = hidden[b]
-            for i in range(start, len(self.layers)):
+        with first_layer(self.held):
+            h_start = [self.layer_output(self.layers[start](hidden[b], *self.calls[start][b][0],
+                                                            **self.calls[start][b][1])) for b in self.held]
+        for b, h in zip(self.held, h_start):
+            for i in range(start + 1, len(self.layers)):
                 args, kwargs = self.calls[i][b]
                 h = self.layer_output(self.layers[i](h, *args, **kwargs))
             logits = self.head(h).float()

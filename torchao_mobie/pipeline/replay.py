@@ -14,7 +14,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["LayerReplay", "StopLayer", "recording", "attention_replayed"]
 
@@ -62,16 +62,22 @@ def recording(layer_module: nn.Module, experts_module: nn.Module):
             rec.attention = None  # attention ran without reaching the experts (or the reverse): not replayable
 
 
+def _copy(out):
+    return tuple(_copy(o) for o in out) if isinstance(out, tuple) else out.clone() if isinstance(out, Tensor) else out
+
+
 @contextmanager
-def attention_replayed(layer_module: nn.Module, replay: LayerReplay | None, n: int):
-    """The layer's attention returns the recorded outputs, in batch order, for the next ``n`` calls (when
-    ``replay`` recorded all ``n``); otherwise attention runs as usual."""
+def attention_replayed(layer_module: nn.Module, replay: LayerReplay | None, n: int, batches: list | None = None):
+    """The layer's attention returns the recorded outputs, in batch order, for the next calls: every batch's
+    (``n`` of them, when ``replay`` recorded all ``n``), or copies of those of ``batches`` (the held-back
+    judge, which runs once per candidate). Otherwise attention runs as usual."""
     attn = _attention(layer_module)
     if attn is None or replay is None or replay.attention is None or len(replay.attention) != n:
         yield
         return
-    outputs = iter(replay.attention)
-    attn.forward = lambda *args, **kwargs: next(outputs)
+    outputs = iter(replay.attention if batches is None else [replay.attention[b] for b in batches])
+    attn.forward = (lambda *args, **kwargs: next(outputs)) if batches is None else \
+        (lambda *args, **kwargs: _copy(next(outputs)))
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
+from functools import partial
 from dataclasses import dataclass
 
 import torch
@@ -310,7 +311,9 @@ def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, c
             report.parameters[name] = apply_experts(info, p, hess, config, name, router_stats=stats, guided_hessian=gh,
                                                      downstream_routers=downstream if p == "down_proj" else None,
                                                      judge=None if heldloss is None else
-                                                     heldloss.judge(layer.index, hidden, info, p),
+                                                     heldloss.judge(layer.index, hidden, info, p, partial(
+                                                         attention_replayed, layer.module, record or replay,
+                                                         len(hidden))),
                                                      plan_memory=plan_memory).bits
             events.append(hess.event)
             if hess.event.experts:
