@@ -19,6 +19,7 @@ keeps it off by default; λ from 0.001 to 0.1 moved top-k by at most 0.0004 (qwe
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, NamedTuple
 
 import torch
@@ -79,13 +80,15 @@ class RouterAlignment(NamedTuple):
 
 @torch.no_grad()
 def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], ridge: float = 0.01,
-                 judge: Callable[[], torch.Tensor] | None = None) -> RouterAlignment:
+                 judge: Callable[[], torch.Tensor] | None = None, first_layer: Callable = nullcontext) -> RouterAlignment:
     """Refit ``layer``'s router (a :class:`~..integrations.transformers.DecoderLayerInfo` with an MoE block)
     on the calibration batches that are not held back, from its current inputs ``hidden`` and the
     full-precision ``targets`` (one ``[tokens, E]`` per batch, :class:`RouterTargets`). Padded tokens are
     left out. A router whose logits are still the full-precision ones, bit for bit, is left as it is.
     ``judge``: per-sequence LM loss of the held-back calibration sequences with the current weights
-    (:meth:`~.heldback.HeldbackLoss.per_sequence`); the refit is kept only when it lowers their mean."""
+    (:meth:`~.heldback.HeldbackLoss.per_sequence`); the refit is kept only when it lowers their mean.
+    ``first_layer(batch indices)``: a context for the layer's runs on those batches (the pipeline replays the
+    attention its gate_up stage recorded, so the run up to the router is the norm alone)."""
     router = layer.moe.router
     W = router.weight.detach().double()
     H = W.shape[1]
@@ -100,27 +103,29 @@ def align_router(layer, hidden, calls, batches, targets: list[torch.Tensor], rid
     handle = router.register_forward_pre_hook(stop, with_kwargs=True)
     yy, n, same = 0.0, 0, True
     try:
-        for h, (args, kwargs), b, y in zip(hidden, calls, batches, targets):
-            if b.heldback:  # kept out of sample for the held-back judge of later layers
-                continue
-            seen.clear()
-            try:
-                layer.module(h, *args, **kwargs)
-            except _Stop:
-                pass
-            if not seen:
-                raise RuntimeError(f"{layer.fqn}: its router ({type(router).__name__}) was not called; cannot align it")
-            same &= torch.equal(_router_logits(router, seen[0]), y)
-            x = seen[0].reshape(-1, H).double()
-            yd = y.double()
-            if b.token_mask is not None:
-                keep = b.token_mask.to(x.device)
-                x, yd = x[keep], yd[keep]
-            yd = yd.to(x.device)
-            A += x.T @ x
-            C += x.T @ yd
-            yy += float((yd * yd).sum())
-            n += yd.numel()
+        with first_layer([i for i, b in enumerate(batches) if not b.heldback]):
+            for h, (args, kwargs), b, y in zip(hidden, calls, batches, targets):
+                if b.heldback:  # kept out of sample for the held-back judge of later layers
+                    continue
+                seen.clear()
+                try:
+                    layer.module(h, *args, **kwargs)
+                except _Stop:
+                    pass
+                if not seen:
+                    raise RuntimeError(f"{layer.fqn}: its router ({type(router).__name__}) was not called; "
+                                       "cannot align it")
+                same &= torch.equal(_router_logits(router, seen[0]), y)
+                x = seen[0].reshape(-1, H).double()
+                yd = y.double()
+                if b.token_mask is not None:
+                    keep = b.token_mask.to(x.device)
+                    x, yd = x[keep], yd[keep]
+                yd = yd.to(x.device)
+                A += x.T @ x
+                C += x.T @ yd
+                yy += float((yd * yd).sum())
+                n += yd.numel()
     finally:
         handle.remove()
     if not n or same:  # nothing binarized before this router reaches it: it is aligned already

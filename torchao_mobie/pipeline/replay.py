@@ -5,8 +5,9 @@ attention already final: attention linears are binarized, if at all, in earlier 
 alignment acts after attention. So, with the same inputs and the same weights:
 - the down_proj stage feeds its collectors the recorded experts calls instead of running the layer again
   (the layer forward was a third of that stage's time);
-- the re-run that makes the next layer's inputs takes the recorded attention outputs instead of running
-  attention again (same bits; on olmoe-32e ~8 ms of a ~25 ms layer forward, 32 forwards a run).
+- the re-run that makes the next layer's inputs, the held-back judge's run of the layer it judges and router
+  alignment's run up to the router take the recorded attention outputs instead of running attention again
+  (same bits; on olmoe-32e ~8 ms of a ~25 ms layer forward, 32 forwards a run for the first alone).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _copy(out):
 def attention_replayed(layer_module: nn.Module, replay: LayerReplay | None, n: int, batches: list | None = None):
     """The layer's attention returns the recorded outputs, in batch order, for the next calls: every batch's
     (``n`` of them, when ``replay`` recorded all ``n``), or copies of those of ``batches`` (the held-back
-    judge, which runs once per candidate). Otherwise attention runs as usual."""
+    judge and router alignment, which may run the layer more than once). Otherwise attention runs as usual."""
     attn = _attention(layer_module)
     if attn is None or replay is None or replay.attention is None or len(replay.attention) != n:
         yield

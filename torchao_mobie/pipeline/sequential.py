@@ -220,13 +220,16 @@ def _downstream_routers(layout: MoEModelLayout, index: int) -> list:
 
 
 def _align_router(layer: DecoderLayerInfo, hidden, calls, batches, targets, config, report: QuantizationReport,
-                  heldloss: HeldbackLoss | None) -> None:
-    """Router alignment of ``layer`` (``config.router_align``), with the held-back judge when asked for."""
+                  heldloss: HeldbackLoss | None, replay: LayerReplay | None = None) -> None:
+    """Router alignment of ``layer`` (``config.router_align``), with the held-back judge when asked for; both run
+    the layer with the attention its gate_up stage recorded (``replay``)."""
+    first = partial(attention_replayed, layer.module, replay, len(hidden))
     judge = None
     if heldloss is not None and getattr(config, "router_align_judge", False):
-        judge = lambda: heldloss.per_sequence(layer.index, hidden)  # noqa: E731
+        judge = lambda: heldloss.per_sequence(layer.index, hidden, first)  # noqa: E731
     report.router_alignment[layer.moe.router_fqn] = align_router(layer, hidden, calls, batches, targets,
-                                                                 config.router_align_ridge, judge=judge)
+                                                                 config.router_align_ridge, judge=judge,
+                                                                 first_layer=first)
 
 
 def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: list[CalibrationBatch]) -> HeldbackLoss | None:
@@ -420,7 +423,7 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
             log_fallback_summary(layer.fqn, events)
             if layer.index in targets.logits:  # after its experts, before the next layer's inputs are made
                 _align_router(layer, hidden, calls[layer.index], batches, targets.logits.pop(layer.index), config,
-                              report, heldloss)
+                              report, heldloss, replay)
             hidden = next_inputs(layer, hidden, calls[layer.index], replay)
             del replay
     except Exception as e:

@@ -365,7 +365,7 @@ def quantize_streaming(model_dir, out_dir, config: BinarizationConfig, calibrati
                 log_fallback_summary(layer.fqn, events)
                 if layer.index in targets:
                     _align_router(layer, hidden, calls[layer.index], batches, targets.pop(layer.index), config,
-                                  report, heldloss)
+                                  report, heldloss, replay)
                 hidden = next_inputs(layer, hidden, calls[layer.index], replay)
                 del replay
             if packed and layer.moe is not None:
