@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from torchao_mobie.calibration.activations import ActivationStore
-from torchao_mobie.calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
+from torchao_mobie.calibration.glas_graphs import KeptGraphs
+from torchao_mobie.calibration.glas_layerwise import ModelLayers, forward_boundaries, glas_from_graphs, \
+    layerwise_glas_weights, lm_loss_sum
 from torchao_mobie.calibration.gradients import compute_glas_weights
 from torchao_mobie.integrations.transformers import discover_moe_layout
 from torchao_mobie.pipeline.batches import CalibrationBatch
@@ -119,5 +121,56 @@ def test_dense_first_layer_bottom_layer_stops_at_the_experts():
     layer, _ = _layerwise(model, layout, batches)
     handle.remove()
     assert len(calls) == 2  # the capture and the boundaries' forward; GLAS does not recompute it
+    graphs = KeptGraphs(model, layout, 1, budget=2**31)
+    capture_layer_inputs(model, layout, batches, graphs=graphs)
+    head = lm_head_of(model)
+    kept = glas_from_graphs(graphs, [None if ly.moe is None else ly.moe.experts for ly in layout.layers], batches,
+                            lambda h, b: lm_loss_sum(head(h), b))
     for f in whole.index:
-        assert torch.equal(layer.gate_up[f][0], whole.gate_up[f][0]) and torch.equal(layer.down[f][0], whole.down[f][0])
+        for got in (layer, kept):
+            assert torch.equal(got.gate_up[f][0], whole.gate_up[f][0]) and torch.equal(got.down[f][0], whole.down[f][0])
+
+
+
+def _batches():
+    ids = torch.randint(3, 4000, (3, 48), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 40:] = 0
+    return [CalibrationBatch(ids[:2], None), CalibrationBatch(ids[2:], mask[2:])]
+
+
+@pytest.mark.parametrize("name", available())
+def test_kept_capture_graphs_give_the_whole_model_weights_bit_for_bit(name):
+    """quantize_model's capture forward keeps each layer's graph (within the activation budget) and GLAS
+    backpropagates through them instead of recomputing: the same pair weights, bit for bit, no weight gradient
+    left, the parameters' requires_grad flags restored, and the capture's own outputs unchanged."""
+    model, _ = load_zoo_model(name)
+    layout = discover_moe_layout(model)
+    batches = _batches()
+    whole = compute_glas_weights(model, layout.experts(), batches)
+    plain = capture_layer_inputs(model, layout, batches, record=len(batches))
+    flags = [p.requires_grad for p in model.parameters()]
+    graphs = KeptGraphs(model, layout, len(batches), budget=2**31)
+    hidden, calls, levels = capture_layer_inputs(model, layout, batches, record=len(batches), graphs=graphs)
+    assert graphs.complete and graphs.bytes > 0
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for a, b in zip(plain[2] + [plain[0]], levels + [hidden]):  # boundaries and layer-0 inputs: the same values
+        assert all(torch.equal(x, y) and not y.requires_grad for x, y in zip(a, b))
+    head = lm_head_of(model)
+    infos = [None if layer.moe is None else layer.moe.experts for layer in layout.layers]
+    kept = glas_from_graphs(graphs, infos, batches, lambda h, b: lm_loss_sum(head(h), b))
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+    assert list(kept.index) == list(whole.index)
+    for f in whole.index:
+        for b in range(len(batches)):
+            assert torch.equal(kept.index[f][b], whole.index[f][b])
+            assert torch.equal(kept.gate_up[f][b], whole.gate_up[f][b]) and torch.equal(kept.down[f][b], whole.down[f][b])
+
+
+def test_graphs_past_the_budget_are_not_kept():
+    model, _ = load_zoo_model("micro-qwen3moe")
+    layout = discover_moe_layout(model)
+    graphs = KeptGraphs(model, layout, 2, budget=1024)
+    capture_layer_inputs(model, layout, _batches(), record=2, graphs=graphs)
+    assert not graphs.complete and graphs.bytes > 1024
+    assert all(not x for lists in (graphs.leaves, graphs.roots, graphs.calls) for x in lists)

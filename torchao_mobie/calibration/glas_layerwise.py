@@ -15,6 +15,8 @@ boundaries):
 
 Cost: one more forward per layer (the recomputation) than the whole-model pass, and in memory the
 ``L + 1`` boundary activations plus one layer's graph for one batch instead of the whole model's graph.
+When every layer's graph fits the activation budget, ``quantize_model`` keeps them from its capture forward
+instead (:mod:`.glas_graphs`, :func:`glas_from_graphs`): no recomputation, the same values.
 The gradients are the whole-model ones: the same operations on the same values, so on the zoo they agree
 bit for bit (the test allows float summation order: ``rtol=1e-5``). ``layers`` is anything with
 ``open(i)`` (a context manager yielding layer ``i``'s module and its experts, or None): the in-memory
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 from .gradients import GLASWeights, pair_gradient_weights, saved_call
 
-__all__ = ["ModelLayers", "forward_boundaries", "layerwise_glas_weights", "lm_loss_sum"]
+__all__ = ["ModelLayers", "forward_boundaries", "glas_from_graphs", "layerwise_glas_weights", "lm_loss_sum"]
 
 
 def lm_loss_sum(logits: torch.Tensor, batch) -> torch.Tensor:
@@ -140,17 +142,8 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, 
                     # the same backward nodes in the same order up to the experts output, so the same bits
                     (saved["grad"],) = torch.autograd.grad(y, saved["call"][3], g, allow_unused=True)
             if info is not None:
-                hs, ti, tw, out = saved["call"]
-                H = info.hidden_dim
-                gy = saved.get("grad", out.grad)
-                gy = gy if gy is not None else torch.zeros_like(out)
-                gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
-                                               tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
-                index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
-                if expert_inputs is not None:
-                    expert_inputs.setdefault(info.fqn, []).append(hs.float().reshape(-1, H))
-                wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
-                wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
+                _collect(info, saved["call"], saved.get("grad", saved["call"][3].grad), power, index, wgu, wdn,
+                         expert_inputs)
             saved.clear()
     finally:
         if handle is not None:
@@ -158,3 +151,58 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, 
         for p, f in flags:
             p.requires_grad_(f)
     return out_grads
+
+
+def _collect(info, call, gy, power, index, wgu, wdn, expert_inputs) -> None:
+    """One batch's pair weights of one experts module from its saved call and the gradient ``gy`` at its output."""
+    hs, ti, tw, out = call
+    H = info.hidden_dim
+    gy = gy if gy is not None else torch.zeros_like(out)
+    gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
+                                   tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
+    index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
+    if expert_inputs is not None:
+        expert_inputs.setdefault(info.fqn, []).append(hs.float().reshape(-1, H))
+    wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
+    wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
+
+
+def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
+                     expert_inputs: dict | None = None) -> GLASWeights:
+    """:func:`layerwise_glas_weights` through the graphs the capture forward kept
+    (:class:`~.glas_graphs.KeptGraphs`) instead of recomputing each layer; ``infos[i]``: layer ``i``'s
+    experts (or None). The same backward, layer by layer from the top, so the same pair weights."""
+    n_layers = len(infos)
+    index, wgu, wdn = {}, {}, {}
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    on_cpu = kept.leaves[0][0].device.type == "cpu"
+    if on_cpu:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with torch.enable_grad():
+            grads = []
+            for y, b in zip(kept.roots[-1], batches):
+                h = y.detach().requires_grad_(True)
+                grads.append(torch.autograd.grad(head_loss(h, b), h)[0])
+            for i in reversed(range(n_layers)):
+                info, below = infos[i], []
+                for bi, g in enumerate(grads):
+                    y, x = kept.roots[i][bi], kept.leaves[i][bi]
+                    call = kept.calls[i][bi] if info is not None else None
+                    gy = None
+                    if i > 0:
+                        y.backward(g)
+                        below.append(x.grad)
+                        gy = None if call is None else call[3].grad
+                    elif call is not None and call[3].requires_grad:  # the bottom layer: to its experts only
+                        (gy,) = torch.autograd.grad(y, call[3], g, allow_unused=True)
+                    if info is not None:
+                        _collect(info, call, gy, power, index, wgu, wdn, expert_inputs)
+                for lists in (kept.leaves, kept.roots, kept.calls):
+                    lists[i].clear()
+                grads = below
+    finally:
+        if on_cpu:
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+    order = list(index)[::-1]  # bottom-up, as the whole-model pass
+    return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})

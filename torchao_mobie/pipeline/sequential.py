@@ -2,7 +2,8 @@
 
 1. one forward of the full-precision model captures the input of decoder layer 0 and the keyword
    arguments (masks, rotary embeddings, ...) the model passes every layer; GLAS (when the config asks for
-   it) then runs layer by layer on the full-precision model (:mod:`~torchao_mobie.calibration.glas_layerwise`);
+   it) then runs layer by layer on the full-precision model (:mod:`~torchao_mobie.calibration.glas_layerwise`),
+   through the graphs that forward kept when they fit the activation budget (:mod:`~torchao_mobie.calibration.glas_graphs`);
 2. for each decoder layer, stage by stage (true-sequential: attention inputs, attention output, MLP
    inputs = experts ``gate_up_proj`` + shared/dense gate/up, MLP outputs = experts ``down_proj`` +
    shared/dense down): hooks collect the stage's statistics while the layer runs on its calibration
@@ -26,7 +27,9 @@ from torch import nn
 from ..calibration import ExpertStatsCollector, FallbackEvent, LinearStatsCollector, log_fallback_summary
 from ..calibration.activations import ActivationStore, activation_budget
 from ..calibration.fp_shadow import FPShadow
-from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, layerwise_glas_weights, lm_loss_sum
+from ..calibration.glas_graphs import KeptGraphs
+from ..calibration.glas_layerwise import ModelLayers, forward_boundaries, glas_from_graphs, layerwise_glas_weights, \
+    lm_loss_sum
 from ..calibration.gradients import GLASCollector
 from ..calibration.heldback import HeldbackLoss, hold_back
 from ..calibration.router_align import RouterTargets, align_router
@@ -58,7 +61,7 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list[CalibrationBatch],
-                         record: int = 0, budget: int | None = None):
+                         record: int = 0, budget: int | None = None, graphs: KeptGraphs | None = None):
     """Layer-0 hidden states per batch, and for every layer the (args, kwargs) the model passes it (one
     forward of the base model, no LM head).
 
@@ -66,6 +69,7 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
     the boundaries layer-wise GLAS stores (:func:`~..calibration.glas_layerwise.forward_boundaries`
     recomputes the same values from the same inputs, so this saves a forward of the whole model) while they
     fit ``budget`` bytes (the activation store's rule); returned as ``[level][batch]``, or None past it.
+    ``graphs``: also keep each layer's autograd graph for layer-wise GLAS (:class:`KeptGraphs`).
     Returns ``(hidden, calls)``, or ``(hidden, calls, boundaries)`` when ``record``."""
     hidden: list[torch.Tensor] = []
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in layout.layers]
@@ -113,7 +117,8 @@ def capture_layer_inputs(model: nn.Module, layout: MoEModelLayout, batches: list
                for i, layer in enumerate(layout.layers)]
     handles.append(layout.layers[-1].module.register_forward_hook(last_hook))
     try:
-        _forward_batches(model, batches)
+        with graphs if graphs is not None else nullcontext():  # its hooks after these: they see the inputs
+            _forward_batches(model, batches)
     finally:
         for h in handles:
             h.remove()
@@ -152,16 +157,21 @@ def lm_head_of(model: nn.Module):
 
 
 def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, calls, boundaries=None,
-                    expert_inputs: dict | None = None):
+                    expert_inputs: dict | None = None, graphs: KeptGraphs | None = None):
     """GLAS pair weights of the leading ``glas_samples`` batches, layer by layer
     (:mod:`~torchao_mobie.calibration.glas_layerwise`: equal to the whole-model backward pass).
     ``boundaries``: those batches' layer boundaries kept by :func:`capture_layer_inputs` (else recomputed);
-    ``expert_inputs``: filled with the full-precision expert inputs of those batches (for :class:`FPShadow`)."""
+    ``expert_inputs``: filled with the full-precision expert inputs of those batches (for :class:`FPShadow`);
+    ``graphs``: the capture's kept graphs, when complete backpropagated instead of recomputing each layer."""
     head = lm_head_of(model)
     if head is None:
         raise ValueError(f"{type(model).__name__}: GLAS needs the LM loss, so the model with its LM head "
                          "(*ForCausalLM); pass that, or a config with glas=False")
     n = _glas_batches(config, batches)
+    loss = lambda h, b: lm_loss_sum(head(h), b)  # noqa: E731
+    if graphs is not None and graphs.complete:
+        infos = [None if layer.moe is None else layer.moe.experts for layer in layout.layers]
+        return glas_from_graphs(graphs, infos, batches[:n], loss, power=config.glas_power, expert_inputs=expert_inputs)
     calls_n = [c[:n] for c in calls]
     layers = ModelLayers(layout)
     with ActivationStore() as store:
@@ -171,8 +181,8 @@ def _layerwise_glas(model, layout: MoEModelLayout, config, batches, hidden, call
                 level.clear()  # the store holds them now, and frees each level once GLAS has passed it
         else:
             forward_boundaries(layers, hidden[:n], calls_n, store)
-        return layerwise_glas_weights(layers, batches[:n], calls_n, store, lambda h, b: lm_loss_sum(head(h), b),
-                                      power=config.glas_power, expert_inputs=expert_inputs)
+        return layerwise_glas_weights(layers, batches[:n], calls_n, store, loss, power=config.glas_power,
+                                      expert_inputs=expert_inputs)
 
 
 def _layer_output(out):
@@ -394,9 +404,11 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
         # calibration data or weights fail here, before any weight is changed
         glas = None
         with RouterTargets(layout if getattr(config, "router_align", False) and experts else None) as targets:
+            graphs = None
             if getattr(config, "needs_gradients", False) and experts:
+                graphs = KeptGraphs(model, layout, _glas_batches(config, batches), activation_budget())
                 hidden, calls, boundaries = capture_layer_inputs(model, layout, batches,
-                                                                 record=_glas_batches(config, batches))
+                                                                 record=_glas_batches(config, batches), graphs=graphs)
             else:
                 hidden, calls = capture_layer_inputs(model, layout, batches)
         fp_target = getattr(config, "fp_target", False) and experts
@@ -404,8 +416,9 @@ def quantize_model(model: nn.Module, config: BinarizationConfig, calibration, *,
         if getattr(config, "needs_gradients", False) and experts:
             # GLAS over every batch recomputes each layer in full precision: the shadow takes its expert inputs
             recorded = {} if fp_target and _glas_batches(config, batches) == len(batches) else None
-            glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries, expert_inputs=recorded)
-            del boundaries
+            glas = _layerwise_glas(model, layout, config, batches, hidden, calls, boundaries, expert_inputs=recorded,
+                                   graphs=graphs)
+            del boundaries, graphs
         heldloss = _heldback_loss(model, layout, calls, batches)
         shadow = FPShadow(hidden, _layer_output, recorded) if fp_target else None
         plan_memory: dict = {}
