@@ -87,27 +87,44 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
     """
     n_layers = len(layers)
     index, wgu, wdn = {}, {}, {}
-    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    on_cpu = store.get(0)[0].device.type == "cpu"
-    if on_cpu:  # as compute_glas_weights: the MoE backward's index accumulation in a fixed order
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        grads = []
-        with torch.enable_grad():
-            for h, b in zip(store.get(n_layers), batches):
-                h = h.detach().requires_grad_(True)
-                # the gradient at h only: .backward() also formed the final norm's and LM head's (tied:
-                # embedding's) weight gradients, about half this step, and left them on the user's model
-                grads.append(torch.autograd.grad(head_loss(h, b), h)[0])
+    with _deterministic(store.get(0)[0].device):
+        grads = _head_grads(store.get(n_layers), batches, head_loss)
         for i in reversed(range(n_layers)):
             with layers.open(i) as (module, info):
                 grads = _layer_backward(module, info, store.get(i), calls[i], grads, power, index, wgu, wdn,
                                         expert_inputs, input_grads=i > 0)
             store.drop(i + 1)
+    return _bottom_up(index, wgu, wdn)
+
+
+def _head_grads(last, batches, head_loss) -> list:
+    """``∂ℓ/∂h_L`` per batch from the last layer's outputs ``last``. The gradient at h only: ``.backward()``
+    also formed the final norm's and LM head's (tied: the embedding's) weight gradients, about half this
+    step, and left them in ``.grad`` on the user's model."""
+    with torch.enable_grad():
+        out = []
+        for h, b in zip(last, batches):
+            h = h.detach().requires_grad_(True)
+            out.append(torch.autograd.grad(head_loss(h, b), h)[0])
+        return out
+
+
+@contextmanager
+def _deterministic(device):
+    """As compute_glas_weights: on CPU the MoE backward's index accumulation runs in a fixed order."""
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
     finally:
         if on_cpu:
             torch.use_deterministic_algorithms(det[0], warn_only=det[1])
-    order = list(index)[::-1]  # bottom-up, as the whole-model pass
+
+
+def _bottom_up(index, wgu, wdn) -> GLASWeights:
+    order = list(index)[::-1]  # collected top-down; bottom-up, as the whole-model pass
     return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})
 
 
@@ -174,16 +191,9 @@ def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
     experts (or None). The same backward, layer by layer from the top, so the same pair weights."""
     n_layers = len(infos)
     index, wgu, wdn = {}, {}, {}
-    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    on_cpu = kept.leaves[0][0].device.type == "cpu"
-    if on_cpu:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with _deterministic(kept.leaves[0][0].device):
+        grads = _head_grads(kept.roots[-1], batches, head_loss)
         with torch.enable_grad():
-            grads = []
-            for y, b in zip(kept.roots[-1], batches):
-                h = y.detach().requires_grad_(True)
-                grads.append(torch.autograd.grad(head_loss(h, b), h)[0])
             for i in reversed(range(n_layers)):
                 info, below = infos[i], []
                 for bi, g in enumerate(grads):
@@ -201,8 +211,4 @@ def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
                 for lists in (kept.leaves, kept.roots, kept.calls):
                     lists[i].clear()
                 grads = below
-    finally:
-        if on_cpu:
-            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
-    order = list(index)[::-1]  # bottom-up, as the whole-model pass
-    return GLASWeights({f: index[f] for f in order}, {f: wgu[f] for f in order}, {f: wdn[f] for f in order})
+    return _bottom_up(index, wgu, wdn)
