@@ -10,16 +10,15 @@ pair weights, bit for bit; past the budget nothing is kept and GLAS recomputes a
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from torch import nn
 
+from .glas_layerwise import _out
 from .gradients import saved_call
 
 __all__ = ["KeptGraphs"]
-
-
-def _out(o):
-    return o[0] if isinstance(o, (tuple, list)) else o
 
 
 class KeptGraphs:
@@ -37,7 +36,7 @@ class KeptGraphs:
         self.bytes = 0
         self.complete = False
         self._batch = -1
-        self._stack = []
+        self._stack = ExitStack()
 
     def _keeping(self) -> bool:
         return 0 <= self._batch < self.n and self.bytes <= self.budget
@@ -84,17 +83,14 @@ class KeptGraphs:
                 info = layer.moe.experts
                 handles.append(info.module.register_forward_hook(experts_hook(i, info), with_kwargs=True))
         handles.append(layers[-1].module.register_forward_hook(last))
-        self._handles = handles
-        self._stack = [torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)]
-        for c in self._stack:
-            c.__enter__()
+        for h in handles:
+            self._stack.callback(h.remove)
+        self._stack.enter_context(torch.enable_grad())
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
         return self
 
     def __exit__(self, *exc) -> None:
-        for c in reversed(self._stack):
-            c.__exit__(*exc)
-        for h in self._handles:
-            h.remove()
+        self._stack.close()
         for p, f in self._flags:
             p.requires_grad_(f)
         L = len(self.layout.layers)

@@ -28,20 +28,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
-from .gradients import GLASWeights, pair_gradient_weights, saved_call
+from .gradients import GLASWeights, collect_pair_weights, deterministic_on_cpu, lm_loss_sum, saved_call
 
 __all__ = ["ModelLayers", "forward_boundaries", "glas_from_graphs", "layerwise_glas_weights", "lm_loss_sum"]
-
-
-def lm_loss_sum(logits: torch.Tensor, batch) -> torch.Tensor:
-    """Summed next-token cross entropy over non-padding tokens (GLAS's loss; see ``compute_glas_weights``)."""
-    lp = logits[:, :-1].float()
-    tgt = batch.input_ids[:, 1:]
-    if batch.attention_mask is not None:
-        tgt = tgt.masked_fill(batch.attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
 
 
 class ModelLayers:
@@ -87,7 +77,7 @@ def layerwise_glas_weights(layers, batches, calls, store, head_loss, power: floa
     """
     n_layers = len(layers)
     index, wgu, wdn = {}, {}, {}
-    with _deterministic(store.get(0)[0].device):
+    with deterministic_on_cpu(store.get(0)[0].device):
         grads = _head_grads(store.get(n_layers), batches, head_loss)
         for i in reversed(range(n_layers)):
             with layers.open(i) as (module, info):
@@ -107,20 +97,6 @@ def _head_grads(last, batches, head_loss) -> list:
             h = h.detach().requires_grad_(True)
             out.append(torch.autograd.grad(head_loss(h, b), h)[0])
         return out
-
-
-@contextmanager
-def _deterministic(device):
-    """As compute_glas_weights: on CPU the MoE backward's index accumulation runs in a fixed order."""
-    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    on_cpu = device.type == "cpu"
-    if on_cpu:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        if on_cpu:
-            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
 
 
 def _bottom_up(index, wgu, wdn) -> GLASWeights:
@@ -159,8 +135,8 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, 
                     # the same backward nodes in the same order up to the experts output, so the same bits
                     (saved["grad"],) = torch.autograd.grad(y, saved["call"][3], g, allow_unused=True)
             if info is not None:
-                _collect(info, saved["call"], saved.get("grad", saved["call"][3].grad), power, index, wgu, wdn,
-                         expert_inputs)
+                call = saved["call"]
+                collect_pair_weights(info, call, saved.get("grad", call[3].grad), power, index, wgu, wdn, expert_inputs)
             saved.clear()
     finally:
         if handle is not None:
@@ -170,20 +146,6 @@ def _layer_backward(module, info, inputs, calls, grads, power, index, wgu, wdn, 
     return out_grads
 
 
-def _collect(info, call, gy, power, index, wgu, wdn, expert_inputs) -> None:
-    """One batch's pair weights of one experts module from its saved call and the gradient ``gy`` at its output."""
-    hs, ti, tw, out = call
-    H = info.hidden_dim
-    gy = gy if gy is not None else torch.zeros_like(out)
-    gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
-                                   tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
-    index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
-    if expert_inputs is not None:
-        expert_inputs.setdefault(info.fqn, []).append(hs.float().reshape(-1, H))
-    wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
-    wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
-
-
 def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
                      expert_inputs: dict | None = None) -> GLASWeights:
     """:func:`layerwise_glas_weights` through the graphs the capture forward kept
@@ -191,7 +153,7 @@ def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
     experts (or None). The same backward, layer by layer from the top, so the same pair weights."""
     n_layers = len(infos)
     index, wgu, wdn = {}, {}, {}
-    with _deterministic(kept.leaves[0][0].device):
+    with deterministic_on_cpu(kept.leaves[0][0].device):
         grads = _head_grads(kept.roots[-1], batches, head_loss)
         with torch.enable_grad():
             for i in reversed(range(n_layers)):
@@ -207,7 +169,7 @@ def glas_from_graphs(kept, infos: list, batches, head_loss, power: float = 1.0,
                     elif call is not None and call[3].requires_grad:  # the bottom layer: to its experts only
                         (gy,) = torch.autograd.grad(y, call[3], g, allow_unused=True)
                     if info is not None:
-                        _collect(info, call, gy, power, index, wgu, wdn, expert_inputs)
+                        collect_pair_weights(info, call, gy, power, index, wgu, wdn, expert_inputs)
                 for lists in (kept.leaves, kept.roots, kept.calls):
                     lists[i].clear()
                 grads = below

@@ -22,9 +22,11 @@ reference; the pipelines use the layer-wise form with bounded memory,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..integrations.transformers import ExpertsInfo
@@ -97,6 +99,16 @@ def pair_gradient_weights(info: ExpertsInfo, x: torch.Tensor, top_k_index: torch
     return w_gu, w_dn
 
 
+def lm_loss_sum(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Summed next-token cross entropy over non-padding tokens: GLAS's loss in both passes (summed, not
+    averaged, so a token's gradient does not depend on how many tokens share its batch)."""
+    lp = logits[:, :-1].float()
+    tgt = batch.input_ids[:, 1:]
+    if batch.attention_mask is not None:
+        tgt = tgt.masked_fill(batch.attention_mask[:, 1:] == 0, -100)
+    return F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum")
+
+
 def saved_call(info: ExpertsInfo, args: tuple, kwargs: dict, output) -> tuple:
     """``(hidden, top_k_index, top_k_weights, output)`` of one experts call in a GLAS pass, the output
     keeping its gradient (rows: tokens; llama4: score-scaled pair rows with output weight 1)."""
@@ -107,6 +119,38 @@ def saved_call(info: ExpertsInfo, args: tuple, kwargs: dict, output) -> tuple:
     return call.hidden.detach(), call.top_k_index.detach(), call.top_k_weights.detach(), out
 
 
+@contextmanager
+def deterministic_on_cpu(device):
+    """With more than one CPU thread the MoE block's backward (index accumulation) sums in a run-dependent
+    order, so the same calibration gave different quantized models; deterministic kernels fix that and are
+    bitwise identical to the default ones on one thread."""
+    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    on_cpu = device.type == "cpu"
+    if on_cpu:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        if on_cpu:
+            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+
+
+def collect_pair_weights(info: ExpertsInfo, call: tuple, gy, power: float, index: dict, wgu: dict, wdn: dict,
+                         expert_inputs: dict | None = None) -> None:
+    """One batch's pair weights of one experts module from its :func:`saved_call` and the gradient ``gy`` at
+    its output (None: zero), appended per fqn (``expert_inputs``: also its input rows, fp32 ``[N, H]``)."""
+    hs, ti, tw, out = call
+    H = info.hidden_dim
+    gy = gy if gy is not None else torch.zeros_like(out)
+    gu, dn = pair_gradient_weights(info, hs.reshape(-1, H), ti.reshape(hs.reshape(-1, H).shape[0], -1),
+                                   tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, H))
+    index.setdefault(info.fqn, []).append(ti.reshape(-1, ti.shape[-1]).cpu())
+    if expert_inputs is not None:
+        expert_inputs.setdefault(info.fqn, []).append(hs.float().reshape(-1, H))
+    wgu.setdefault(info.fqn, []).append(gu if power == 1 else gu.pow(power))
+    wdn.setdefault(info.fqn, []).append(dn if power == 1 else dn.pow(power))
+
+
 def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, power: float = 1.0) -> GLASWeights:
     """One forward+backward of the full-precision LM loss per calibration batch (parameters frozen).
 
@@ -115,8 +159,6 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
     trace-normalized, and a sum keeps batches of any size on one scale). ``power``: the pair weights
     are returned as ``w ** power`` (see ``MoBiEConfig.glas_power``).
     """
-    import torch.nn.functional as F
-
     index = {e.fqn: [] for e in experts}
     wgu = {e.fqn: [] for e in experts}
     wdn = {e.fqn: [] for e in experts}
@@ -130,11 +172,6 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
 
     emb = model.get_input_embeddings()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    # With more than one CPU thread the MoE block's backward (index accumulation) sums in a run-dependent
-    # order, so the same calibration gave different quantized models; deterministic kernels fix that and
-    # are bitwise identical to the default ones on one thread.
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     was_training = model.training
     model.eval()
     for p in model.parameters():
@@ -143,40 +180,25 @@ def compute_glas_weights(model: nn.Module, experts: list[ExpertsInfo], batches, 
     for info in experts:
         handles.append(info.module.register_forward_hook(make_hook(info), with_kwargs=True))
     try:
-        if on_cpu:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        for b in batches:
-            saved.clear()
-            with torch.enable_grad():
-                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-                ids = b.input_ids
-                lp = logits[:, :-1].float()
-                tgt = ids[:, 1:]
-                if b.attention_mask is not None:
-                    tgt = tgt.masked_fill(b.attention_mask[:, 1:] == 0, -100)
-                # summed, not averaged: each token's gradient must not depend on how many tokens share its
-                # batch (held-back batches are smaller: averaging weighted their tokens 3x, 9x in w)
-                loss = F.cross_entropy(lp.reshape(-1, lp.shape[-1]), tgt.reshape(-1), ignore_index=-100,
-                                       reduction="sum")
-                loss.backward()
-            for info in experts:
-                hs, ti, tw, out = saved[info.fqn]
-                gy = out.grad if out.grad is not None else torch.zeros_like(out)
-                gu, dn = pair_gradient_weights(info, hs.reshape(-1, info.hidden_dim), ti.reshape(hs.reshape(-1, info.hidden_dim).shape[0], -1),
-                                               tw.reshape(-1, ti.shape[-1]), gy.reshape(-1, info.hidden_dim))
-                index[info.fqn].append(ti.reshape(-1, ti.shape[-1]).cpu())
-                wgu[info.fqn].append(gu if power == 1 else gu.pow(power))
-                wdn[info.fqn].append(dn if power == 1 else dn.pow(power))
-            del logits, loss
-            saved.clear()
+        with deterministic_on_cpu(next(model.parameters()).device):
+            for b in batches:
+                saved.clear()
+                with torch.enable_grad():
+                    logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+                    # summed, not averaged: each token's gradient must not depend on how many tokens share its
+                    # batch (held-back batches are smaller: averaging weighted their tokens 3x, 9x in w)
+                    loss = lm_loss_sum(logits, b)
+                    loss.backward()
+                for info in experts:
+                    collect_pair_weights(info, saved[info.fqn], saved[info.fqn][3].grad, power, index, wgu, wdn)
+                del logits, loss
+                saved.clear()
     finally:
         for h in handles:
             h.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
         model.train(was_training)
-        if on_cpu:
-            torch.use_deterministic_algorithms(det[0], warn_only=det[1])
     return GLASWeights(index, wgu, wdn)
 
 

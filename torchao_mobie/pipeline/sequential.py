@@ -252,11 +252,12 @@ def _heldback_loss(model: nn.Module, layout: MoEModelLayout, calls, batches: lis
 
 def _run_stage(layer: DecoderLayerInfo, stage: _Stage, hidden, calls, batches, config: BinarizationConfig,
                report: QuantizationReport, events: list[FallbackEvent], glas=None, downstream=None,
-               heldloss=None, plan_memory=None, shadow: FPShadow | None = None, replay: list | None = None) -> list | None:
+               heldloss=None, plan_memory=None, shadow: FPShadow | None = None,
+               replay: LayerReplay | None = None) -> LayerReplay | None:
     """Collect one stage's statistics over the calibration batches, then binarize its parameters.
 
-    Returns the experts module's calls per batch (its forward arguments) when the stage binarized
-    ``gate_up_proj`` alone: nothing upstream of the experts changed, so the ``down_proj`` stage gets them as
+    Returns a :class:`LayerReplay` (the experts module's calls per batch, its forward arguments, and the
+    attention outputs) when the stage binarized ``gate_up_proj`` alone: nothing upstream of the experts changed, so the ``down_proj`` stage gets them as
     ``replay`` and feeds its collectors those calls instead of running the layer again (same inputs, same
     routing; the layer forward was a third of that stage's time). Such a stage also stops each forward at the
     experts' inputs: the experts and what follows them feed no statistic of it."""
